@@ -1,0 +1,176 @@
+"""One typed config for pretraining, with presets and `key=value` overrides.
+
+Defaults are the seed's settings (DESIGN section 4): ResNet-50, queue 65536, momentum 0.999,
+temperature 0.2, SGD 0.9 / 1e-4, global batch 512, lr = base_lr * batch / 256 = 0.06, cosine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from clim_fast.errors import UserError
+
+MIX_METHODS = ("none", "cutmix", "mixup")
+MINE_FEATURES = ("head", "backbone")
+MULTIRES_AT_224 = (192, 160, 128, 96)
+
+
+@dataclass
+class Config:
+    # data
+    image_size: int = 224
+    batch_size: int = 512  # global, across all ranks
+    workers: int = 4  # DALI external-source worker processes per rank
+    dali_threads: int = 4
+    # model (MoCo v2)
+    arch: str = "resnet50"
+    feat_dim: int = 128
+    queue_size: int = 65536
+    ema_momentum: float = 0.999
+    temperature: float = 0.2
+    shuffle_bn: bool = True
+    # optimisation
+    epochs: int = 200
+    base_lr: float = 0.03  # per 256 images: lr = base_lr * batch_size / 256
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_epochs: int = 0
+    cosine: bool = True
+    # CLIM
+    mix: str = "none"  # none | cutmix | mixup
+    alpha: float = 2.0  # Beta(alpha, alpha) for the mixing ratio
+    multires: bool = False
+    mix_weight: float = 1.0  # weight of the mixing term next to InfoNCE(q_anchor, k_anchor)
+    clim_start_epoch: int = 0  # first epoch that mines positives and mixes
+    mine_every: int = 5
+    clusters: int = 10000
+    knn_k: int = 40
+    mine_feature: str = "head"  # head | backbone
+    mine_engine: str = "auto"  # auto | faiss | torch
+    init_table: str = ""  # a table from `clim-fast mine` to start from (empty: mine online)
+    # run
+    seed: int = 0
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    channels_last: bool = True  # GPU only
+    compile: bool = False
+    checkpoint_every: int = 10  # epochs; a checkpoint is also written at the end
+    keep_checkpoints: int = 2
+    log_every: int = 20  # steps
+    tensorboard: bool = False
+    preset: str = "moco_v2"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.mix not in MIX_METHODS:
+            raise UserError(f"config: mix must be one of {', '.join(MIX_METHODS)}, got {self.mix!r}")
+        if self.mine_feature not in MINE_FEATURES:
+            raise UserError(f"config: mine_feature must be head or backbone, got {self.mine_feature!r}")
+        if self.mine_engine not in ("auto", "faiss", "torch"):
+            raise UserError(f"config: mine_engine must be auto, faiss or torch, got {self.mine_engine!r}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise UserError(f"config: precision must be auto, bf16 or fp32, got {self.precision!r}")
+        for name in ("image_size", "batch_size", "epochs", "queue_size", "clusters", "knn_k", "mine_every"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"config: {name} must be positive, got {getattr(self, name)}")
+        if self.multires and self.mix == "none":
+            raise UserError("config: multires needs a mixing method (set mix=cutmix or mix=mixup)")
+
+    @property
+    def lr(self) -> float:
+        return self.base_lr * self.batch_size / 256
+
+    @property
+    def uses_positives(self) -> bool:
+        return self.mix != "none"
+
+    @property
+    def multires_sizes(self) -> tuple[int, ...]:
+        """Extra query resolutions, 192/160/128/96 at 224 px, scaled with image_size."""
+        if not self.multires:
+            return ()
+        return tuple(max(8, round(r * self.image_size / 224)) for r in MULTIRES_AT_224)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        from clim_fast.io import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Config":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise UserError(f"config: unknown field(s) {', '.join(unknown)}")
+        return cls(**data)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Config":
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"{path}: cannot read config ({e})") from None
+        return cls.from_dict(data)
+
+
+PRESETS: dict[str, dict] = {
+    "moco_v2": dict(mix="none", multires=False),
+    "clim": dict(mix="cutmix", alpha=2.0, multires=False),
+    "clim_multires": dict(mix="cutmix", alpha=2.0, multires=True),
+    "clim_mixup": dict(mix="mixup", alpha=0.2, multires=False),
+}
+
+
+def _field_types() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+
+
+def parse_value(key: str, text: str):
+    """Parse `text` as the type of Config field `key`."""
+    types = _field_types()
+    if key not in types:
+        raise UserError(f"--set {key}=...: unknown config field; known: {', '.join(sorted(types))}")
+    kind = types[key]
+    try:
+        if kind is bool:
+            low = text.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        return kind(text)
+    except ValueError:
+        raise UserError(f"--set {key}={text}: expected a {kind.__name__}") from None
+
+
+def parse_overrides(pairs: list[str] | None) -> dict:
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise UserError(f"--set {pair}: expected key=value")
+        key, text = pair.split("=", 1)
+        out[key.strip()] = parse_value(key.strip(), text)
+    return out
+
+
+def make_config(preset: str = "moco_v2", overrides: dict | None = None) -> Config:
+    """Preset first, then overrides (CLI options and --set pairs)."""
+    if preset not in PRESETS:
+        raise UserError(f"--preset {preset}: unknown preset; choose from {', '.join(PRESETS)}")
+    values = dict(PRESETS[preset], preset=preset)
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    names = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise UserError(f"config: unknown field(s) {', '.join(unknown)}")
+    return Config(**values)
