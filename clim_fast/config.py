@@ -33,6 +33,7 @@ class Config:
     ema_momentum: float = 0.999
     temperature: float = 0.2
     shuffle_bn: bool = True
+    shuffle_bn_groups: int = 4  # one process: BN groups of the shuffled key batch (= GPUs emulated)
     # optimisation
     epochs: int = 200
     base_lr: float = 0.03  # per 256 images: lr = base_lr * batch_size / 256

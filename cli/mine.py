@@ -1,0 +1,72 @@
+"""`clim-fast mine`: a neighbour table from a saved checkpoint (the online refresh, offline)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from clim_fast.errors import UserError
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: choose auto, cpu or cuda")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is available")
+    return torch.device(name)
+
+
+def mine_command(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="A clim-fast checkpoint (RUN/checkpoints/last.pt)."),
+    shards: Path = typer.Option(..., "--shards", help="Shard folder (from `clim-fast shard`)."),
+    out: Path = typer.Option(..., "--out", help="Neighbour table to write (.npz)."),
+    clusters: Optional[int] = typer.Option(None, "--clusters", help="K-means clusters m [checkpoint config]."),
+    k: Optional[int] = typer.Option(None, "--k", help="Neighbours searched per anchor [checkpoint config]."),
+    engine: str = typer.Option("auto", "--engine", help="auto | faiss | torch."),
+    feature: Optional[str] = typer.Option(None, "--feature", help="head | backbone [checkpoint config]."),
+    batch_size: int = typer.Option(256, "--batch-size", help="Feature-extraction batch."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Centre-crop size [checkpoint config]."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda when available), cpu or cuda."),
+    workers: int = typer.Option(2, "--workers", help="DALI reader worker processes."),
+    threads: int = typer.Option(2, "--threads", help="DALI threads."),
+) -> None:
+    """Mine center-wise positives with a checkpoint's momentum encoder and write a table for
+    `clim-fast train --set init_table=TABLE`."""
+    from clim_fast.checkpoint import model_from_checkpoint
+    from clim_fast.mining import ENGINES, format_stats, mine_from_model
+    from shards import ShardDataset
+
+    if engine not in ENGINES:
+        raise UserError(f"--engine {engine}: choose from {', '.join(ENGINES)}")
+    if feature not in (None, "head", "backbone"):
+        raise UserError(f"--feature {feature}: choose head or backbone")
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size}: must be positive")
+    dev = _device(device)
+    dataset = ShardDataset(shards)  # a bad shard folder fails here, before the model loads
+    model, cfg, ckpt = model_from_checkpoint(checkpoint, map_location=dev)
+    overrides = dict(mine_feature=feature, image_size=image_size, workers=workers, dali_threads=threads)
+    cfg = dataclasses.replace(cfg, **{key: v for key, v in overrides.items() if v is not None})
+    clusters = cfg.clusters if clusters is None else clusters
+    k = cfg.knn_k if k is None else k
+    from clim_fast.mining import check_sizes
+
+    check_sizes(dataset.num_samples, clusters, k)
+    table, stats = mine_from_model(model, cfg, shards, device=dev, clusters=clusters, k=k, engine=engine,
+                                   batch_size=batch_size, epoch=int(ckpt.get("epoch", 0)),
+                                   checkpoint=str(checkpoint))
+    table.save(out)
+    typer.echo(f"{format_stats(stats)} -> {out}", err=True)
+    typer.echo(json.dumps(dict(command="mine", table=str(out), **stats), sort_keys=True))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("mine")(mine_command)

@@ -1,0 +1,93 @@
+"""`clim-fast shard SRC OUT` and `clim-fast verify OUT`: thin wrappers over the `shards` package."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from shards.format import DEFAULT_MAXCOUNT
+
+_SHOWN = 10  # skipped files listed in the summary; the manifest lists them all
+
+
+def _default_workers() -> int:
+    return max(1, min(16, os.cpu_count() or 1))
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB" if n < 1e9 else f"{n / 1e9:,.2f} GB"
+
+
+def print_summary(summary: dict, console: Console) -> None:
+    if summary["already_complete"]:
+        console.print(f"{summary['out']}: already complete, nothing to do", markup=False)
+    console.print(f"[bold green]done:[/] {summary['num_samples']:,} samples in {summary['num_shards']} shards "
+                  f"({_mb(summary['bytes'])}), {summary['num_classes']} classes, dataset id {summary['dataset_id']}",
+                  highlight=False)
+    if not summary["already_complete"]:
+        resumed = f", {summary['resumed_shards']} shards kept from the interrupted run" if summary["resumed_shards"] else ""
+        console.print(f"checked {summary['checked_files']:,} files in {summary['seconds']:.1f} s "
+                      f"({summary['images_per_s']:,.0f} images/s){resumed}", highlight=False)
+    if summary["reencoded"]:
+        reasons = ", ".join(f"{reason} {count}" for reason, count in summary["reencoded_by_reason"].items())
+        console.print(f"re-encoded to RGB JPEG: {summary['reencoded']} ({reasons})", highlight=False)
+    if summary["skipped"]:
+        console.print(f"[yellow]skipped {summary['skipped']} unreadable file(s)[/] (listed in manifest.json):")
+        for entry in summary["skipped_files"][:_SHOWN]:
+            console.print(f"  {entry['path']}: {entry['reason']}", highlight=False, markup=False)
+        if summary["skipped"] > _SHOWN:
+            console.print(f"  ... and {summary['skipped'] - _SHOWN} more")
+
+
+def print_verify(report: dict, console: Console) -> None:
+    if report["ok"]:
+        console.print(f"[bold green]ok:[/] {escape(report['root'])}: {report['num_samples']:,} samples, "
+                      f"{report['num_shards']} shards ({_mb(report['bytes'])}), checksums and indexes match",
+                      highlight=False)
+        return
+    console.print(f"[bold red]{len(report['problems'])} problem(s)[/] in {escape(report['root'])}:", highlight=False)
+    for problem in report["problems"]:
+        console.print(f"  {problem}", highlight=False, markup=False)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("shard")
+    def shard(
+        src: Path = typer.Argument(..., help="Image folder: one sub-folder per class, or flat with --labels."),
+        out: Path = typer.Argument(..., help="Output folder for the shards (created if missing)."),
+        maxcount: int = typer.Option(DEFAULT_MAXCOUNT, "--maxcount", help="Samples per shard (6000 ~ 0.66 GB of ImageNet)."),
+        workers: int = typer.Option(_default_workers(), "--workers", help="Processes checking/re-encoding images; the output does not depend on it."),
+        seed: int = typer.Option(0, "--seed", help="Seed of the id shuffle."),
+        labels: Optional[Path] = typer.Option(None, "--labels", help="Labels file for a flat folder: lines 'FILE LABEL' (or ImageNet's LOC_val_solution.csv)."),
+        classes: Optional[Path] = typer.Option(None, "--classes", help="Reuse the class mapping of another shard folder (e.g. train shards, for validation)."),
+        max_side: Optional[int] = typer.Option(None, "--max-side", help="Re-encode images whose longer side exceeds PX down to PX (faster decoding; off by default)."),
+        resume: bool = typer.Option(False, "--resume", help="Finish an interrupted run, keeping its complete shards."),
+        verify: bool = typer.Option(False, "--verify", help="Re-check counts and checksums afterwards."),
+    ) -> None:
+        """Pack an image folder into WebDataset shards with DALI index files and a manifest."""
+        from shards import verify_shards, write_shards
+
+        console = Console()
+        summary = write_shards(src, out, maxcount=maxcount, workers=workers, seed=seed, labels=labels,
+                               max_side=max_side, resume=resume, progress=True, classes=classes)
+        print_summary(summary, console)
+        if verify:
+            report = verify_shards(out, progress=True)
+            print_verify(report, console)
+            if not report["ok"]:
+                raise typer.Exit(1)
+
+    @app.command("verify")
+    def verify_command(out: Path = typer.Argument(..., help="A shard folder made by `clim-fast shard`.")) -> None:
+        """Re-check a shard folder: counts, checksums, tar members and DALI index files."""
+        from shards import verify_shards
+
+        report = verify_shards(out, progress=True)
+        print_verify(report, Console())
+        if not report["ok"]:
+            raise typer.Exit(1)

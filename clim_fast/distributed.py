@@ -1,0 +1,192 @@
+"""Process-group set-up and the few collectives the rest of the code needs.
+
+Every helper works unchanged in a single process (no process group): gathers return the local
+value, broadcasts return it as is, barriers do nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from clim_fast.errors import UserError
+
+
+@dataclass
+class LaunchEnv:
+    """Where this process sits in the job, as torchrun or SLURM describe it."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    source: str  # "torchrun" | "slurm" | "none"
+
+
+def detect_launcher() -> LaunchEnv | None:
+    """A LaunchEnv when torchrun or `srun` started this process, else None."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env and "LOCAL_RANK" in env:
+        return LaunchEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]),
+                         env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", "29500")), "torchrun")
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        addr = env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_JOB_NODELIST", ""))
+        return LaunchEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", "0")),
+                         addr or "127.0.0.1", int(env.get("MASTER_PORT", "29500")), "slurm")
+    return None
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    """First host of a SLURM node list such as `gpu[003-005,007],cpu01` (no scontrol needed)."""
+    if not nodelist:
+        return ""
+    head = nodelist.split(",")[0]
+    if "[" not in head:
+        return head
+    prefix, rest = head.split("[", 1)
+    first = rest.split(",")[0].split("-")[0].rstrip("]")
+    return prefix + first
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(rank: int, world_size: int, *, backend: str, master_addr: str = "127.0.0.1",
+                     master_port: int = 29500, timeout_s: float = 1800) -> None:
+    """Join the process group (no-op for world_size 1). NCCL on GPUs, gloo on CPU."""
+    if world_size <= 1 or dist.is_initialized():
+        return
+    import datetime
+
+    os.environ["MASTER_ADDR"] = str(master_addr)
+    os.environ["MASTER_PORT"] = str(master_port)
+    try:
+        dist.init_process_group(backend, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    except (RuntimeError, ValueError) as e:
+        raise UserError(f"--master-addr {master_addr}:{master_port}: cannot join the process group ({e})") from None
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def _comm_device(t: torch.Tensor) -> torch.device:
+    # NCCL only moves CUDA tensors; gloo moves CPU tensors.
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+@torch.no_grad()
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate equal-shaped tensors from all ranks along dim 0 (rank order). No gradient."""
+    if not is_distributed():
+        return t
+    dev = _comm_device(t)
+    local = t.contiguous().to(dev)
+    out = [torch.empty_like(local) for _ in range(get_world_size())]
+    dist.all_gather(out, local)
+    return torch.cat(out).to(t.device)
+
+
+@torch.no_grad()
+def all_gather_varlen(t: torch.Tensor) -> torch.Tensor:
+    """Like all_gather_cat, but rows per rank may differ."""
+    if not is_distributed():
+        return t
+    sizes = all_gather_cat(torch.tensor([t.shape[0]], dtype=torch.int64))
+    longest = int(sizes.max())
+    padded = torch.zeros((longest, *t.shape[1:]), dtype=t.dtype, device=t.device)
+    padded[: t.shape[0]] = t
+    gathered = all_gather_cat(padded)
+    parts = [gathered[r * longest: r * longest + int(n)] for r, n in enumerate(sizes.tolist())]
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def broadcast_tensor(t: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Rank `src`'s tensor on every rank (same shape and dtype expected everywhere)."""
+    if not is_distributed():
+        return t
+    dev = _comm_device(t)
+    buf = t.contiguous().to(dev)
+    dist.broadcast(buf, src)
+    return buf.to(t.device)
+
+
+@torch.no_grad()
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    if not is_distributed():
+        return t
+    dev = _comm_device(t)
+    buf = t.detach().clone().to(dev)
+    dist.all_reduce(buf)
+    return (buf / get_world_size()).to(t.device)
+
+
+def broadcast_object(obj, src: int = 0):
+    """Any picklable object from `src` to every rank."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(obj) -> list:
+    if not is_distributed():
+        return [obj]
+    out = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_numpy(arr: np.ndarray | None, src: int = 0) -> np.ndarray:
+    """Rank `src`'s array on every rank; other ranks may pass None."""
+    if not is_distributed():
+        return arr
+    meta = broadcast_object((arr.dtype.str, arr.shape) if get_rank() == src else None, src)
+    dtype, shape = np.dtype(meta[0]), meta[1]
+    if get_rank() == src:
+        t = torch.from_numpy(np.ascontiguousarray(arr).view(np.uint8).reshape(-1).copy())
+    else:
+        t = torch.empty(int(np.prod(shape)) * dtype.itemsize, dtype=torch.uint8)
+    t = broadcast_tensor(t, src)
+    return t.numpy().view(dtype).reshape(shape)
+
+
+def all_gather_numpy(arr: np.ndarray) -> np.ndarray:
+    """Concatenate arrays from all ranks along axis 0 (rows per rank may differ)."""
+    if not is_distributed():
+        return arr
+    return np.concatenate(all_gather_object(np.ascontiguousarray(arr)))

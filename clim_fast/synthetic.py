@@ -1,0 +1,109 @@
+"""A synthetic data source shaped exactly like dali_pipelines.PretrainLoader's output.
+
+Images are a per-class random pattern plus per-view noise, so contrastive training on them has
+something to learn; everything is a pure function of (seed, epoch, rank, batch index), which makes
+resumed runs reproducible. Used by tests and by bench/train_step.py as the "synthetic" baseline.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from clim_fast.neighbours import NeighbourTable
+
+
+def epoch_ids(num_samples: int, global_batch: int, rank: int, world_size: int, seed: int, epoch: int) -> np.ndarray:
+    """DistributedSampler contract: seeded permutation, drop-last, rank takes perm[rank::world]."""
+    perm = np.random.default_rng([seed, epoch]).permutation(num_samples)
+    perm = perm[: (num_samples // global_batch) * global_batch]
+    return perm[rank::world_size].astype(np.int64)
+
+
+class SyntheticPretrainLoader:
+    def __init__(self, num_samples: int, *, batch_size: int, image_size: int, rank: int = 0, world_size: int = 1,
+                 device=torch.device("cpu"), seed: int = 0, multires_sizes=(), table: NeighbourTable | None = None,
+                 dtype=torch.float32, num_classes: int = 4, noise: float = 0.5):
+        self.num_samples, self.batch_size, self.image_size = num_samples, batch_size, image_size
+        self.rank, self.world_size, self.device, self.seed = rank, world_size, torch.device(device), seed
+        self.multires_sizes, self.dtype, self.noise = tuple(multires_sizes), dtype, noise
+        self.labels = np.arange(num_samples) % num_classes
+        g = torch.Generator().manual_seed(seed + 12345)
+        self.prototypes = torch.randn(num_classes, 3, image_size, image_size, generator=g)
+        self._pending_table, self._table, self._epoch = table, table, 0
+
+    def __len__(self) -> int:
+        return self.num_samples // self.batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch, self._table = epoch, self._pending_table
+
+    def set_table(self, table: NeighbourTable | None) -> None:
+        self._pending_table = table
+
+    def _views(self, ids: np.ndarray, g: torch.Generator) -> torch.Tensor:
+        base = self.prototypes[torch.from_numpy(self.labels[ids])]
+        return base + self.noise * torch.randn(base.shape, generator=g)
+
+    def __iter__(self):
+        ids = epoch_ids(self.num_samples, self.batch_size, self.rank, self.world_size, self.seed, self._epoch)
+        local = self.batch_size // self.world_size
+        for b in range(len(self)):
+            batch_ids = ids[b * local:(b + 1) * local]
+            g = torch.Generator().manual_seed(hash((self.seed, self._epoch, self.rank, b)) % 2**62)
+            out = {"q": self._views(batch_ids, g), "k": self._views(batch_ids, g),
+                   "id": torch.from_numpy(batch_ids), "label": torch.from_numpy(self.labels[batch_ids])}
+            if self._table is not None:
+                t = self._table
+                pick = torch.randint(0, 2**31, (len(batch_ids),), generator=g).numpy() % t.counts[batch_ids]
+                pos_ids = t.positives[batch_ids, pick].astype(np.int64)
+                out.update(pos=self._views(pos_ids, g), k_pos=self._views(pos_ids, g), pos_id=torch.from_numpy(pos_ids))
+                for s in self.multires_sizes:
+                    out[f"q_r{s}"] = F.interpolate(out["q"], size=(s, s), mode="bilinear", align_corners=False)
+                    out[f"pos_r{s}"] = F.interpolate(out["pos"], size=(s, s), mode="bilinear", align_corners=False)
+            yield {k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device))
+                   for k, v in out.items()}
+
+    def close(self) -> None:
+        pass
+
+
+def label_table(labels: np.ndarray, k: int = 4, seed: int = 0, dataset_id: str = "synthetic") -> NeighbourTable:
+    """A neighbour table whose positives are random samples of the same label."""
+    rng = np.random.default_rng(seed)
+    n = len(labels)
+    positives = np.full((n, k), -1, dtype=np.int32)
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        for i in members:
+            others = members[members != i]
+            positives[i, : min(k, len(others))] = rng.choice(others, size=min(k, len(others)), replace=False)
+    counts = (positives >= 0).sum(1).astype(np.int32)
+    return NeighbourTable(positives, counts, labels.astype(np.int32), {"dataset_id": dataset_id, "k": k})
+
+
+class SyntheticSource:
+    """Stands in for a shard folder in run_training: loaders, dataset identity and table refreshes."""
+
+    def __init__(self, num_samples: int = 64, num_classes: int = 4, seed: int = 0):
+        self.num_samples, self.num_classes, self.seed = num_samples, num_classes, seed
+        self.dataset_id = f"synthetic-{num_samples}-{num_classes}-{seed}"
+
+    def loader(self, cfg, rank: int, world_size: int, device):
+        return SyntheticPretrainLoader(self.num_samples, batch_size=cfg.batch_size, image_size=cfg.image_size,
+                                       rank=rank, world_size=world_size, device=device, seed=cfg.seed,
+                                       multires_sizes=cfg.multires_sizes, num_classes=self.num_classes)
+
+    def refresh(self, model, cfg, run_dir, epoch: int, device):
+        labels = np.arange(self.num_samples) % self.num_classes
+        table = label_table(labels, seed=cfg.seed + epoch, dataset_id=self.dataset_id)
+        path = Path(run_dir) / "tables" / f"table-epoch-{epoch:04d}.npz"
+        from clim_fast import distributed as dist
+
+        if dist.is_main():
+            table.save(path)
+        dist.barrier()
+        return table, path

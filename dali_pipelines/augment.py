@@ -1,0 +1,140 @@
+"""Per-view augmentation parameters, drawn in numpy (MoCo v2 `aug_plus`, DESIGN section 4).
+
+All randomness of the graphs lives here so a batch is a pure function of (seed, epoch, sample id):
+the DALI graph only applies the numbers it is given. One view is a float32 row of PARAMS_PER_VIEW
+numbers plus an int flip flag:
+
+    ROI (y0, x0, y1, x1), relative to the decoded image: the RandomResizedCrop window
+    BRIGHTNESS, CONTRAST, SATURATION, HUE_DEG: the color_twist factors (identity when the
+        ColorJitter coin said no; SATURATION = 0 when RandomGrayscale fired)
+    BLUR_SIGMA: Gaussian blur sigma, 0 when the blur coin said no
+
+Mapping to torchvision (what differs, and why it is close enough for contrastive pretraining):
+- RandomResizedCrop: `rrc_window` is torchvision's `get_params` line by line (10 attempts, then
+  the centre fallback); DALI's resize of the relative ROI then does crop + antialiased resize.
+- ColorJitter(0.4, 0.4, 0.4, 0.1): the same factor distributions, but DALI's `color_twist` applies
+  them as one affine map in YIQ space in a fixed order (saturation, hue, contrast, brightness)
+  instead of torchvision's random order of four clamped steps; contrast pivots on mid-grey (128)
+  rather than the image's mean grey, and hue is a YIQ rotation of +-36 degrees rather than an HSV
+  hue shift of +-0.1 turns.
+- RandomGrayscale(0.2): folded into the same color_twist as saturation 0, which yields exactly
+  PIL's luma (0.299, 0.587, 0.114) of the jittered image (without the intermediate clamp).
+- GaussianBlur([0.1, 2.0]) p=0.5: same sigma distribution; DALI sizes the kernel from sigma
+  (2 * ceil(3 * sigma) + 1) where PIL approximates the Gaussian with box blurs.
+- The horizontal flip is drawn last, as in `aug_plus`; it commutes with the other steps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+ROI = slice(0, 4)
+BRIGHTNESS, CONTRAST, SATURATION, HUE_DEG, BLUR_SIGMA = 4, 5, 6, 7, 8
+PARAMS_PER_VIEW = 9
+
+MOCO_SCALE = (0.2, 1.0)
+LINEAR_SCALE = (0.08, 1.0)  # torchvision's default, as in MoCo's main_lincls.py
+RATIO = (3 / 4, 4 / 3)
+JITTER = (0.4, 0.4, 0.4, 0.1)
+JITTER_P, GRAY_P, BLUR_P, FLIP_P = 0.8, 0.2, 0.5, 0.5
+BLUR_SIGMA_RANGE = (0.1, 2.0)
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """One output view: its side in pixels, its crop scale range, and whether the MoCo v2 colour
+    and blur augmentations apply (linear-evaluation training uses crop + flip only)."""
+
+    size: int
+    scale: tuple[float, float] = MOCO_SCALE
+    ratio: tuple[float, float] = RATIO
+    color: bool = True
+
+
+def moco_views(image_size: int, extra_sizes: tuple[int, ...] = ()) -> tuple[ViewSpec, ...]:
+    """Two views at `image_size` (query, key), then one per multi-resolution size S whose crop scale
+    range is MoCo's (0.2, 1.0) times S / image_size: CLIM's smaller crops cover proportionally
+    less of the image, so objects keep roughly their apparent size at the lower resolution."""
+    views = [ViewSpec(image_size), ViewSpec(image_size)]
+    for s in extra_sizes:
+        r = s / image_size
+        views.append(ViewSpec(s, (MOCO_SCALE[0] * r, MOCO_SCALE[1] * r)))
+    return tuple(views)
+
+
+def rrc_window(rng: np.random.Generator, width: int, height: int, scale=MOCO_SCALE,
+               ratio=RATIO) -> tuple[int, int, int, int]:
+    """torchvision.transforms.RandomResizedCrop.get_params with numpy draws: (top, left, h, w)."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w = width
+        h = int(round(w / min(ratio)))
+    elif in_ratio > max(ratio):
+        h = height
+        w = int(round(h * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def draw_view(rng: np.random.Generator, width: int, height: int, spec: ViewSpec) -> tuple[np.ndarray, int]:
+    """One view's parameter row and flip flag, drawn in aug_plus order: crop, jitter, gray, blur, flip."""
+    p = np.zeros(PARAMS_PER_VIEW, np.float32)
+    top, left, h, w = rrc_window(rng, width, height, spec.scale, spec.ratio)
+    p[ROI] = (top / height, left / width, (top + h) / height, (left + w) / width)
+    p[[BRIGHTNESS, CONTRAST, SATURATION, HUE_DEG]] = (1.0, 1.0, 1.0, 0.0)
+    if spec.color:
+        if rng.random() < JITTER_P:
+            b, c, s, hue = JITTER
+            p[BRIGHTNESS] = rng.uniform(1 - b, 1 + b)
+            p[CONTRAST] = rng.uniform(1 - c, 1 + c)
+            p[SATURATION] = rng.uniform(1 - s, 1 + s)
+            p[HUE_DEG] = rng.uniform(-hue, hue) * 360.0
+        if rng.random() < GRAY_P:
+            p[SATURATION] = 0.0
+        if rng.random() < BLUR_P:
+            p[BLUR_SIGMA] = rng.uniform(*BLUR_SIGMA_RANGE)
+    flip = int(rng.random() < FLIP_P)
+    return p, flip
+
+
+def draw_views(rng: np.random.Generator, width: int, height: int,
+               specs: tuple[ViewSpec, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Parameters of several views cut from one decoded image: float32[V, 9], int32[V]."""
+    params = np.empty((len(specs), PARAMS_PER_VIEW), np.float32)
+    flips = np.empty(len(specs), np.int32)
+    for v, spec in enumerate(specs):
+        params[v], flips[v] = draw_view(rng, width, height, spec)
+    return params, flips
+
+
+def sample_rng(seed: int, epoch: int, sample_id: int, stream: int) -> np.random.Generator:
+    """The generator for one sample's draws in one epoch; stream 0: anchor views, 1: positive."""
+    return np.random.default_rng([int(seed), int(epoch), int(sample_id), int(stream)])
+
+
+def center_crop_roi(width: int, height: int, size: int) -> np.ndarray:
+    """torchvision's Resize(round(size * 256 / 224)) + CenterCrop(size) as a relative ROI (y0, x0,
+    y1, x1) of the original image, so one resize of the ROI samples the same grid."""
+    short = round(size * 256 / 224)
+    if width <= height:
+        new_w, new_h = short, int(short * height / width)
+    else:
+        new_w, new_h = int(short * width / height), short
+    top = int(round((new_h - size) / 2.0))
+    left = int(round((new_w - size) / 2.0))
+    return np.array([top / new_h, left / new_w, (top + size) / new_h, (left + size) / new_w], np.float32)

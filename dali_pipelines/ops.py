@@ -1,0 +1,53 @@
+"""DALI graph pieces shared by every pipeline: decode, one augmented view, one centre-crop view.
+
+The same code builds CPU graphs (`gpu=False`, used by the tests) and GPU graphs (`mixed` decode,
+GPU operators). Views are cut from one decoded image: each call of `augmented_view` adds a
+crop+resize (one `fn.resize` of a relative ROI), a colour twist, an optional blur and the
+normalisation to the graph, reading its parameters from the external source's per-sample rows.
+"""
+
+from __future__ import annotations
+
+import nvidia.dali.fn as fn
+import nvidia.dali.types as types
+
+from dali_pipelines.augment import BLUR_SIGMA, BRIGHTNESS, CONTRAST, HUE_DEG, SATURATION, ViewSpec
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_MEAN_255 = [255 * m for m in IMAGENET_MEAN]
+_STD_255 = [255 * s for s in IMAGENET_STD]
+
+
+def decode(jpegs, gpu: bool):
+    return fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
+
+
+def normalize(image, dali_dtype, mirror=0):
+    """uint8 HWC -> ImageNet-normalised CHW float."""
+    return fn.crop_mirror_normalize(image, mirror=mirror, mean=_MEAN_255, std=_STD_255,
+                                    dtype=dali_dtype, output_layout="CHW")
+
+
+def augmented_view(image, params, flips, v: int, spec: ViewSpec, dali_dtype):
+    """View `v` of `image`: rows `params[v]` / `flips[v]` come from `augment.draw_views`.
+
+    Must be called inside a pipeline built with `enable_conditionals=True` (the blur is
+    per-sample conditional)."""
+    view = fn.resize(image, size=(spec.size, spec.size), roi_start=params[v, 0:2], roi_end=params[v, 2:4],
+                     roi_relative=True, interp_type=types.INTERP_LINEAR, antialias=True)
+    if spec.color:
+        view = fn.color_twist(view, brightness=params[v, BRIGHTNESS], contrast=params[v, CONTRAST],
+                              saturation=params[v, SATURATION], hue=params[v, HUE_DEG])
+        sigma = params[v, BLUR_SIGMA]
+        if sigma > 0:
+            view = fn.gaussian_blur(view, sigma=sigma)
+    return normalize(view, dali_dtype, mirror=flips[v])
+
+
+def center_view(image, roi, size: int, dali_dtype):
+    """Resize of the centre-crop ROI (`augment.center_crop_roi`: torchvision's Resize(size * 256 /
+    224) + CenterCrop(size), pixel for pixel) to size x size."""
+    view = fn.resize(image, size=(size, size), roi_start=roi[0:2], roi_end=roi[2:4], roi_relative=True,
+                     interp_type=types.INTERP_LINEAR, antialias=True)
+    return normalize(view, dali_dtype)

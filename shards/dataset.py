@@ -1,0 +1,103 @@
+"""Random access to a shard folder: any sample id's JPEG bytes and label, one mmap slice away."""
+
+from __future__ import annotations
+
+import mmap
+from pathlib import Path
+
+import numpy as np
+
+from clim_fast.errors import UserError
+from shards.format import SAMPLE_DTYPE, SAMPLES
+from shards.manifest import load_manifest
+
+
+class ShardDataset:
+    """A complete shard folder. Picklable: mmaps and the index are opened lazily in each process
+    (an mmap made in a parent process is unusable in a spawned DALI worker)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.manifest = load_manifest(self.root)
+        self.num_samples = int(self.manifest["num_samples"])
+        self.dataset_id = str(self.manifest["dataset_id"])
+        self.classes = {str(k): int(v) for k, v in self.manifest["classes"].items()}
+        self.num_classes = int(self.manifest.get("num_classes", len(self.classes)))
+        self.tar_paths = [self.root / s["name"] for s in self.manifest["shards"]]
+        self.idx_paths = [self.root / s["index"] for s in self.manifest["shards"]]
+        for path, shard in zip(self.tar_paths, self.manifest["shards"]):
+            if not path.is_file():
+                raise UserError(f"{path}: shard file missing")
+            if path.stat().st_size != shard["bytes"]:
+                raise UserError(f"{path}: {path.stat().st_size} bytes, the manifest says {shard['bytes']}")
+        for path in self.idx_paths:
+            if not path.is_file():
+                raise UserError(f"{path}: DALI index file missing")
+        self._index = None
+        self._labels = None
+        self._maps: list[mmap.mmap | None] = [None] * len(self.tar_paths)
+        self._check_index(self.index)
+
+    def _check_index(self, index: np.ndarray) -> None:
+        path = self.root / SAMPLES
+        if index.dtype != SAMPLE_DTYPE or index.shape != (self.num_samples,):
+            raise UserError(f"{path}: expected {self.num_samples} rows of {SAMPLE_DTYPE}, "
+                            f"got {index.shape} {index.dtype}")
+        if len(index) and (index["shard"].min() < 0 or index["shard"].max() >= len(self.tar_paths)):
+            raise UserError(f"{path}: shard numbers out of range")
+
+    @property
+    def index(self) -> np.ndarray:
+        if self._index is None:
+            path = self.root / SAMPLES
+            try:
+                self._index = np.load(path, mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError) as e:
+                raise UserError(f"{path}: unreadable per-sample index ({e})") from None
+        return self._index
+
+    @property
+    def labels(self) -> np.ndarray:
+        if self._labels is None:
+            self._labels = np.asarray(self.index["label"], dtype=np.int64)
+        return self._labels
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, sample_id: int) -> tuple[bytes, int]:
+        return self.read(sample_id)
+
+    def _map(self, shard: int) -> mmap.mmap:
+        mapped = self._maps[shard]
+        if mapped is None:
+            with open(self.tar_paths[shard], "rb") as f:
+                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self._maps[shard] = mapped
+        return mapped
+
+    def jpeg(self, sample_id: int) -> np.ndarray:
+        """The stored JPEG of `sample_id` as a zero-copy uint8 view into the tar's mmap."""
+        if not 0 <= sample_id < self.num_samples:
+            raise IndexError(f"sample id {sample_id} out of range 0..{self.num_samples - 1}")
+        row = self.index[sample_id]
+        return np.frombuffer(self._map(int(row["shard"])), dtype=np.uint8,
+                             count=int(row["size"]), offset=int(row["offset"]))
+
+    def read(self, sample_id: int) -> tuple[bytes, int]:
+        return self.jpeg(sample_id).tobytes(), int(self.index[sample_id]["label"])
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_index"] = None
+        state["_labels"] = None
+        state["_maps"] = [None] * len(self.tar_paths)
+        return state
+
+    def __repr__(self) -> str:
+        return (f"ShardDataset({str(self.root)!r}, samples={self.num_samples}, "
+                f"shards={len(self.tar_paths)}, classes={self.num_classes}, id={self.dataset_id})")
+
+
+def open_shards(root: str | Path) -> ShardDataset:
+    return ShardDataset(root)

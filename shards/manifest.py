@@ -1,0 +1,46 @@
+"""manifest.json: what a shard folder holds, written last so its presence means "complete"."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from clim_fast.errors import UserError
+from clim_fast.io import atomic_write_text
+from shards.format import FORMAT_NAME, FORMAT_VERSION, MANIFEST
+
+
+def dataset_id(paths: list[str], labels: list[int], sizes: list[int]) -> str:
+    """Hash of the sample list in id order: source path, label and stored size of every sample."""
+    h = hashlib.sha256(f"{FORMAT_NAME} v{FORMAT_VERSION}\n".encode())
+    for path, label, size in zip(paths, labels, sizes):
+        h.update(f"{path}\t{label}\t{size}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def write_manifest(root: Path, manifest: dict) -> None:
+    atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+
+
+def load_manifest(root: str | Path) -> dict:
+    root = Path(root)
+    path = root / MANIFEST
+    if not root.is_dir():
+        raise UserError(f"{root}: no such shard folder")
+    if not path.is_file():
+        raise UserError(f"{root}: not a complete shard folder (no {MANIFEST}; "
+                        "an interrupted `clim-fast shard` finishes with --resume)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: unreadable manifest ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise UserError(f"{path}: not a clim-fast shard manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{path}: shard format version {manifest.get('format_version')}, "
+                        f"this clim-fast reads version {FORMAT_VERSION}; re-run `clim-fast shard`")
+    for key in ("dataset_id", "num_samples", "classes", "shards"):
+        if key not in manifest:
+            raise UserError(f"{path}: manifest lacks {key!r}")
+    return manifest
