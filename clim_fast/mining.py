@@ -150,6 +150,8 @@ def mine_table(features, *, clusters: int, k: int, engine: str = "auto", seed: i
     t1 = time.perf_counter()
     positives, counts, fallback = select_positives(neighbours, assignment, centre_sim)
     timings["select_s"] = time.perf_counter() - t1
+    if device.type == "cuda":  # hand the score blocks' cache back to training
+        torch.cuda.empty_cache()
     table_meta = dict(meta or {}, num_samples=n, clusters=int(clusters), k=int(k), engine=engine,
                       seed=int(seed), feature_dim=int(feats.shape[1]))
     table = NeighbourTable(positives, counts, assignment.astype(np.int32), table_meta)

@@ -7,6 +7,8 @@ is decoded once; all its views are cut from that one decode.
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import torch
 import nvidia.dali.fn as fn
@@ -100,6 +102,8 @@ class PretrainLoader(DaliLoader):
         self._check_table(table)
         self._table = table
         self._table_version += 1
+        if self._table_dir is not None:  # workers that still map it keep their view (POSIX unlink)
+            shutil.rmtree(self._table_dir, ignore_errors=True)
         self._table_dir = None
         if table is not None:
             folder = self.scratch_dir() / f"table-{self._table_version}"

@@ -110,7 +110,8 @@ def _gather_worker(rank, world, port, out):
 def test_extract_features_gathers_rank_shares(tmp_path):
     from clim_fast.distributed import free_port
 
-    torch.multiprocessing.spawn(_gather_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
+    torch.multiprocessing.start_processes(_gather_worker, args=(2, free_port(), str(tmp_path)), nprocs=2,
+                                          start_method="fork")  # fork: no re-import, a second not ten
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         torch.testing.assert_close(got["feats"], torch.full((21, 4), 0.5))
