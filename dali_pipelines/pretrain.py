@@ -15,7 +15,6 @@ import nvidia.dali.fn as fn
 import nvidia.dali.types as types
 from nvidia.dali import pipeline_def
 
-from clim_fast.errors import UserError
 from dali_pipelines.augment import ViewSpec, moco_views
 from dali_pipelines.epochs import check_batch, steps_per_epoch
 from dali_pipelines.loader import DaliLoader, split_meta

@@ -1,0 +1,61 @@
+"""`clim-fast train` and `clim-fast export`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from clim_fast.config import Config, make_config, parse_overrides
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def train(
+        shards: Path = typer.Option(..., "--shards", help="shard folder from `clim-fast shard`"),
+        out: Path = typer.Option(..., "--out", help="run folder (config, log.jsonl, checkpoints, tables)"),
+        preset: Optional[str] = typer.Option(None, "--preset", help="moco_v2 | clim | clim_multires | clim_mixup"),
+        gpus: int = typer.Option(0, "--gpus", help="GPUs on this node, one process each (0: CPU)"),
+        cpu_procs: int = typer.Option(1, "--cpu-procs", help="CPU processes on gloo when --gpus 0"),
+        epochs: Optional[int] = typer.Option(None, "--epochs"),
+        batch_size: Optional[int] = typer.Option(None, "--batch-size", help="global batch over all processes"),
+        arch: Optional[str] = typer.Option(None, "--arch"),
+        image_size: Optional[int] = typer.Option(None, "--image-size"),
+        table: Optional[Path] = typer.Option(None, "--table", help="offline neighbour table to start from"),
+        sets: list[str] = typer.Option([], "--set", help="config override key=value (repeatable)"),
+        resume: Optional[str] = typer.Option(None, "--resume", help="'auto' (newest valid checkpoint in RUN) or a path"),
+        nnodes: int = typer.Option(1, "--nnodes"),
+        node_rank: int = typer.Option(0, "--node-rank"),
+        master_addr: Optional[str] = typer.Option(None, "--master-addr"),
+        master_port: Optional[int] = typer.Option(None, "--master-port"),
+        compile: bool = typer.Option(False, "--compile", help="torch.compile the encoders"),
+    ):
+        """Pretrain MoCo v2 / CLIM on shards."""
+        from clim_fast.train import run_training
+
+        overrides = dict(epochs=epochs, batch_size=batch_size, arch=arch, image_size=image_size,
+                         init_table=str(table) if table else None, compile=True if compile else None)
+        overrides.update(parse_overrides(sets))
+        saved = out / "config.json"
+        if resume and preset is None and saved.is_file():
+            # resuming a run: its saved config is the base, explicit options still apply
+            base = Config.load(saved).to_dict()
+            base.update({k: v for k, v in overrides.items() if v is not None})
+            cfg = Config.from_dict(base)
+        else:
+            cfg = make_config(preset or "moco_v2", overrides)
+        final = run_training(cfg, shards, out, gpus=gpus, cpu_procs=cpu_procs, resume=resume, nnodes=nnodes,
+                             node_rank=node_rank, master_addr=master_addr, master_port=master_port)
+        print(json.dumps({"checkpoint": str(final), "run": str(out)}))
+
+    @app.command()
+    def export(
+        checkpoint: Path = typer.Option(..., "--checkpoint", help="a training checkpoint (.pt)"),
+        out: Path = typer.Option(..., "--out", help="output file: a torchvision ResNet state_dict"),
+    ):
+        """Write the query backbone as a torchvision ResNet state_dict."""
+        from clim_fast.export import export_backbone
+
+        print(json.dumps(export_backbone(checkpoint, out)))
