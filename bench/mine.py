@@ -61,17 +61,19 @@ def timed(fn):
     return out, time.perf_counter() - t0
 
 
-def select(x_np, centroids, assignment, neighbours):
-    centre_sim = np.einsum("nd,nd->n", x_np, centroids[assignment])
-    return timed(lambda: select_positives(neighbours, assignment, centre_sim))[1]
+def select(x, centroids, assignment, neighbours):
+    """Selection on the arrays' device (GPU for the torch engine), centre similarities included."""
+    def run():
+        centre_sim = (x * centroids[assignment]).sum(1)
+        return select_positives(neighbours, assignment, centre_sim)
+    return timed(run)[1]
 
 
 def run_torch(x, m, k, knn):
     (c, a), t_km = timed(lambda: kmeans_torch(x, m, niter=20, seed=0))
     (_, ids), t_knn = timed(lambda: knn(x, k))
-    x_np, c_np, a_np, ids_np = x.cpu().numpy(), c.cpu().numpy(), a.cpu().numpy(), ids.cpu().numpy()
-    t_sel = select(x_np, c_np, a_np, ids_np)
-    return dict(kmeans_s=t_km, knn_s=t_knn, select_s=t_sel, total_s=t_km + t_knn + t_sel), ids_np
+    t_sel = select(x, c, a, ids)
+    return dict(kmeans_s=t_km, knn_s=t_knn, select_s=t_sel, total_s=t_km + t_knn + t_sel), ids.cpu().numpy()
 
 
 def run_faiss(x, m, k):
@@ -79,7 +81,7 @@ def run_faiss(x, m, k):
     gpu = faiss_gpus() > 0
     (c, a), t_km = timed(lambda: kmeans_faiss(x_np, m, niter=20, seed=0, gpu=gpu))
     (_, ids), t_knn = timed(lambda: knn_faiss(x_np, k, gpu=gpu))
-    t_sel = select(x_np, c, a, ids)
+    t_sel = select(*(torch.from_numpy(v) for v in (x_np, c, a, ids)))
     return dict(kmeans_s=t_km, knn_s=t_knn, select_s=t_sel, total_s=t_km + t_knn + t_sel), ids
 
 

@@ -20,6 +20,8 @@ def demo_command(
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Override the budget's image size."),
     per_class: Optional[int] = typer.Option(None, "--per-class", help="Override images per class."),
     seed: int = typer.Option(0, "--seed"),
+    reference: bool = typer.Option(True, "--reference/--no-reference", help="Also measure an untrained "
+                                   "network, the floor the trained numbers should beat."),
 ) -> None:
     """Run the whole system on a real dataset shipped in a PyPI package: MoCo v2 vs CLIM, same budget."""
     from clim_fast.demo import run_demo
@@ -31,7 +33,7 @@ def demo_command(
         if value is not None and value <= 0:
             raise UserError(f"{name} {value}: must be positive")
     report = run_demo(out, budget=budget, data=data, device=device, seed=seed, epochs=epochs,
-                      image_size=image_size, per_class=per_class,
+                      image_size=image_size, per_class=per_class, reference=reference,
                       log=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(f"report: {report.resolve()}", flush=True)
 

@@ -41,7 +41,7 @@ def mine_command(
     """Mine center-wise positives with a checkpoint's momentum encoder and write a table for
     `clim-fast train --set init_table=TABLE`."""
     from clim_fast.checkpoint import model_from_checkpoint
-    from clim_fast.mining import ENGINES, format_stats, mine_from_model
+    from clim_fast.mining import ENGINES, check_sizes, format_stats, mine_from_model
     from shards import ShardDataset
 
     if engine not in ENGINES:
@@ -57,8 +57,6 @@ def mine_command(
     cfg = dataclasses.replace(cfg, **{key: v for key, v in overrides.items() if v is not None})
     clusters = cfg.clusters if clusters is None else clusters
     k = cfg.knn_k if k is None else k
-    from clim_fast.mining import check_sizes
-
     check_sizes(dataset.num_samples, clusters, k)
     table, stats = mine_from_model(model, cfg, shards, device=dev, clusters=clusters, k=k, engine=engine,
                                    batch_size=batch_size, epoch=int(ckpt.get("epoch", 0)),

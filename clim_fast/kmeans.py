@@ -39,10 +39,11 @@ def kmeans_faiss(x: np.ndarray, clusters: int, *, niter: int = 20, seed: int = 0
 def _assign(x: torch.Tensor, centroids: torch.Tensor, dtype: torch.dtype, chunk: int):
     """Most similar centroid of each row: (sims float32 [N], ids int64 [N])."""
     c = centroids.to(dtype)
+    x = x.to(dtype)  # a no-op when the caller already converted
     sims = torch.empty(x.shape[0], device=x.device, dtype=torch.float32)
     ids = torch.empty(x.shape[0], device=x.device, dtype=torch.int64)
     for s in range(0, x.shape[0], chunk):
-        block = x[s:s + chunk].to(dtype) @ c.T
+        block = x[s:s + chunk] @ c.T
         best = block.max(dim=1)
         sims[s:s + chunk] = best.values.float()
         ids[s:s + chunk] = best.indices
@@ -68,8 +69,9 @@ def kmeans_torch(x: torch.Tensor, clusters: int, *, niter: int = 20, seed: int =
     dtype = dtype or search_dtype(x.device)
     chunk = _chunk_rows(clusters, x.device, torch.finfo(dtype).bits // 8)
     centroids = torch.from_numpy(initial_centroids(x, clusters, seed)).to(x.device)
+    x_low = x.to(dtype)
     for _ in range(niter):
-        sims, ids = _assign(x, centroids, dtype, chunk)
+        sims, ids = _assign(x_low, centroids, dtype, chunk)
         sums = torch.zeros(clusters, d, device=x.device).index_add_(0, ids, x)
         counts = torch.bincount(ids, minlength=clusters)
         empty = (counts == 0).nonzero().flatten()

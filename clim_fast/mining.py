@@ -64,26 +64,45 @@ def clamp_sizes(num_samples: int, clusters: int, k: int) -> tuple[int, int, list
     return clusters, k, warnings
 
 
-def select_positives(neighbours: np.ndarray, assignment: np.ndarray, centre_sim: np.ndarray):
-    """DESIGN section 4 steps 4-5, vectorised.
+def select_positives(neighbours, assignment, centre_sim):
+    """DESIGN section 4 steps 4-5, vectorised: torch on CUDA inputs, numpy otherwise (faster on CPU).
 
     neighbours int [N, k] (kNN order, self excluded), assignment int [N], centre_sim float [N]
     (cos of each sample with its own cluster's centroid). Positives of i: neighbours j with
     a_j == a_i and centre_sim_j > centre_sim_i, in kNN order; when none remain, the nearest
-    neighbour alone (the fallback). Returns (positives int32 [N, k] padded -1, counts int32 [N],
-    fallback bool [N]).
+    neighbour alone (the fallback). Returns numpy (positives int32 [N, k] padded -1, counts
+    int32 [N], fallback bool [N]).
     """
-    valid = (neighbours >= 0)
-    nb = np.where(valid, neighbours, 0)
-    valid &= (assignment[nb] == assignment[:, None]) & (centre_sim[nb] > centre_sim[:, None])
-    order = np.argsort(~valid, axis=1, kind="stable")  # valid entries first, kNN order kept
-    positives = np.take_along_axis(neighbours, order, 1).astype(np.int32)
-    counts = valid.sum(1).astype(np.int32)
-    positives[np.arange(positives.shape[1])[None, :] >= counts[:, None]] = -1
+    if isinstance(neighbours, torch.Tensor) and neighbours.is_cuda:
+        return _select_torch(neighbours, assignment, centre_sim)
+    nb, a, cs = (np.asarray(torch.as_tensor(v).cpu()) for v in (neighbours, assignment, centre_sim))
+    safe = np.maximum(nb, 0)
+    valid = (nb >= 0) & (a[safe] == a[:, None]) & (cs[safe] > cs[:, None])
+    # compact each row's valid entries to its front, keeping kNN order (no sort needed)
+    rows, cols = np.nonzero(valid)
+    positives = np.full(nb.shape, -1, dtype=np.int32)
+    positives[rows, np.cumsum(valid, axis=1, dtype=np.int32)[rows, cols] - 1] = nb[rows, cols]
+    counts = valid.sum(1, dtype=np.int32)
     fallback = counts == 0
-    positives[fallback, 0] = neighbours[fallback, 0]
+    positives[fallback, 0] = nb[fallback, 0]
     counts[fallback] = 1
     return positives, counts, fallback
+
+
+def _select_torch(nb: torch.Tensor, assignment, centre_sim):
+    nb = nb.long()
+    a = torch.as_tensor(assignment, device=nb.device).long()
+    cs = torch.as_tensor(centre_sim, device=nb.device)
+    safe = nb.clamp_min(0)
+    valid = (nb >= 0) & (a[safe] == a[:, None]) & (cs[safe] > cs[:, None])
+    rows, cols = valid.nonzero(as_tuple=True)
+    positives = torch.full(nb.shape, -1, dtype=torch.int32, device=nb.device)
+    positives[rows, valid.cumsum(1)[rows, cols] - 1] = nb[rows, cols].int()
+    counts = valid.sum(1).int()
+    fallback = counts == 0
+    positives[fallback, 0] = nb[fallback, 0].int()
+    counts[fallback] = 1
+    return positives.cpu().numpy(), counts.cpu().numpy(), fallback.cpu().numpy()
 
 
 def table_stats(table: NeighbourTable, fallback: np.ndarray, clusters: int,
@@ -144,11 +163,15 @@ def mine_table(features, *, clusters: int, k: int, engine: str = "auto", seed: i
         _sync(device)
         timings["kmeans_s"] = time.perf_counter() - t0
         _, neighbours_t = knn_torch(x, k)
-        centre_sim = (x * centroids_t[assignment_t]).sum(1).cpu().numpy()
-        neighbours, assignment = neighbours_t.cpu().numpy(), assignment_t.cpu().numpy()
+        centre_sim = (x * centroids_t[assignment_t]).sum(1)
+        neighbours, assignment = neighbours_t, assignment_t
+    _sync(device)
     timings["knn_s"] = time.perf_counter() - t0 - timings["kmeans_s"]
     t1 = time.perf_counter()
+    if device.type == "cuda":
+        neighbours, assignment, centre_sim = (torch.as_tensor(v).to(device) for v in (neighbours, assignment, centre_sim))
     positives, counts, fallback = select_positives(neighbours, assignment, centre_sim)
+    neighbours, assignment = np.asarray(torch.as_tensor(neighbours).cpu()), np.asarray(torch.as_tensor(assignment).cpu())
     timings["select_s"] = time.perf_counter() - t1
     if device.type == "cuda":  # hand the score blocks' cache back to training
         torch.cuda.empty_cache()

@@ -136,7 +136,7 @@ def write_report(out: str | Path, summary: dict) -> Path:
         "kNN: weighted kNN (k=%d, t=%.2f) on L2-normalised pooled backbone features of the query encoder, "
         "training images as the memory bank, validation images as queries. Similarity: mean cosine "
         "similarity of validation features within a class (averaged over classes) and between classes "
-        "(CLIM's Table 6)." % (summary["knn_k"], summary["knn_t"]),
+        "(CLIM's Table 6)." % (min(summary["knn_k"], data["train"]), summary["knn_t"]),
         "",
         "![loss curves](loss.png)",
         "",

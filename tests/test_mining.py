@@ -79,6 +79,12 @@ def test_select_positives_random_inputs_match_reference():
     np.testing.assert_array_equal(positives, ref_table)
     np.testing.assert_array_equal(counts, ref_counts)
     assert fallback.sum() > 0 and (~fallback).sum() > 0  # both branches exercised
+    # the torch version (used on CUDA) gives the same result
+    from clim_fast.mining import _select_torch
+
+    for mine, ref in zip(_select_torch(torch.from_numpy(neighbours), assignment, centre_sim),
+                         (positives, counts, fallback)):
+        np.testing.assert_array_equal(mine, ref)
 
 
 def test_fallback_is_the_nearest_neighbour():
@@ -202,3 +208,16 @@ def test_sizes_too_large_are_user_errors():
     assert clamp_sizes(50, 10000, 40)[:2] == (12, 40)
     assert clamp_sizes(30, 5, 40)[:2] == (5, 29)
     assert clamp_sizes(1000, 100, 40) == (100, 40, [])
+
+
+@pytest.mark.gpu
+def test_gpu_torch_engine_matches_faiss():
+    x = random_features(20000, 64, seed=5)
+    ref_sims, ref = knn_faiss(x, 40)
+    sims, ids = knn_torch(torch.from_numpy(x).cuda(), 40)  # fp16 candidates on CUDA
+    np.testing.assert_allclose(sims.cpu().numpy(), ref_sims, atol=1e-5)
+    assert (ids.cpu().numpy() == ref).mean() > 0.999  # only fp32 near-ties may swap
+    xc, labels = clustered_features(clusters=20, per=100, d=64)
+    t_f, _ = mine_table(xc, clusters=20, k=10, engine="faiss")
+    t_t, s_t = mine_table(torch.from_numpy(xc), clusters=20, k=10, engine="torch", device=torch.device("cuda"))
+    np.testing.assert_array_equal(t_t.positives, t_f.positives)

@@ -1,0 +1,162 @@
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from clim_fast.checkpoint import load_checkpoint, model_from_checkpoint
+from clim_fast.config import make_config
+from clim_fast.metrics import read_log
+from clim_fast.synthetic import SyntheticPretrainLoader, SyntheticSource, epoch_ids
+from clim_fast.train import is_refresh_epoch, lr_at, run_training
+
+
+def tiny(preset="clim", **over):
+    values = dict(arch="resnet18", image_size=16, batch_size=8, queue_size=16, epochs=2, log_every=1,
+                  checkpoint_every=1, mine_every=1, base_lr=0.5, workers=1, dali_threads=1)
+    values.update(over)
+    return make_config(preset, values)
+
+
+class SigtermSource(SyntheticSource):
+    """Sends SIGTERM to this process after handing out batch `after` of epoch `epoch`."""
+
+    def __init__(self, epoch, after, **kw):
+        super().__init__(**kw)
+        self.epoch, self.after = epoch, after
+
+    def loader(self, cfg, rank, world_size, device):
+        return _KillingLoader(super().loader(cfg, rank, world_size, device), self.epoch, self.after)
+
+
+class _KillingLoader:
+    def __init__(self, inner, epoch, after):
+        self.inner, self.epoch, self.after, self.current = inner, epoch, after, 0
+
+    def __len__(self):
+        return len(self.inner)
+
+    def set_epoch(self, e):
+        self.current = e
+        self.inner.set_epoch(e)
+
+    def set_table(self, t):
+        self.inner.set_table(t)
+
+    def close(self):
+        self.inner.close()
+
+    def __iter__(self):
+        for i, batch in enumerate(self.inner):
+            yield batch
+            if self.current == self.epoch and i == self.after:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _step_losses(run):
+    return {r["iteration"]: (r["loss"], r["loss_moco"], r["loss_mix"]) for r in read_log(run, "step")}
+
+
+def test_sigterm_saves_and_resume_matches_an_uninterrupted_run(tmp_path):
+    cfg = tiny()
+    full = run_training(cfg, SyntheticSource(32), tmp_path / "full", progress=False)
+    assert full.name == "last.pt"
+
+    cut = tmp_path / "cut"
+    stopped = run_training(cfg, SigtermSource(epoch=1, after=1, num_samples=32), cut, progress=False)
+    ckpt = load_checkpoint(stopped)  # the preemption checkpoint is loadable and mid-epoch
+    assert (ckpt["epoch"], ckpt["step"], ckpt["iteration"]) == (1, 3, 7)  # the signal lands while batch 2 is fetched; that step completes
+    assert ckpt["table_path"].endswith("table-epoch-0001.npz")
+    assert read_log(cut, "preempted")[0]["step"] == 3
+    run_training(cfg, SyntheticSource(32), cut, resume="auto", progress=False)
+
+    a, b = _step_losses(tmp_path / "full"), _step_losses(cut)
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    assert a == b  # bit-for-bit: same losses at every iteration
+    m_full, _, _ = model_from_checkpoint(full)
+    m_cut, _, _ = model_from_checkpoint(cut / "checkpoints" / "last.pt")
+    for (name, x), (_, y) in zip(m_full.state_dict().items(), m_cut.state_dict().items()):
+        assert torch.equal(x, y), name
+    assert (tmp_path / "full" / "config.json").is_file()
+    epochs = read_log(tmp_path / "full", "epoch")
+    assert [r["epoch"] for r in epochs] == [0, 1]
+    assert {"anchors_per_s", "data_wait", "lr", "gpu_mem_gb"} <= set(epochs[0])
+
+
+def _rank_main(rank, port, out, cfg, source):
+    from clim_fast import distributed as dist
+    from clim_fast.train import Trainer
+
+    torch.set_num_threads(1)
+    dist.init_distributed(rank, 2, backend="gloo", master_port=port)
+    try:
+        trainer = Trainer(cfg, source, out, torch.device("cpu"), progress=False)
+        trainer.fit(None)
+        torch.save(trainer.model.state_dict(), out / f"rank{rank}.pt")
+    finally:
+        dist.cleanup()
+
+
+class RecordingSource(SyntheticSource):
+    def loader(self, cfg, rank, world_size, device):
+        return _RecordingLoader(super().loader(cfg, rank, world_size, device), self.record_dir, rank)
+
+
+class _RecordingLoader(_KillingLoader):
+    def __init__(self, inner, record_dir, rank):
+        super().__init__(inner, -1, -1)
+        self.record_dir, self.rank = record_dir, rank
+
+    def __iter__(self):
+        for batch in self.inner:
+            with open(self.record_dir / f"ids-rank{self.rank}-epoch{self.current}.txt", "a") as f:
+                f.write(" ".join(map(str, batch["id"].tolist())) + "\n")
+            yield batch
+
+
+def test_two_gloo_ranks_stay_identical_and_see_disjoint_samples(tmp_path):
+    import torch.multiprocessing as mp
+
+    from clim_fast.distributed import free_port
+
+    cfg = tiny(epochs=1, multires=True)
+    source = RecordingSource(32)
+    source.record_dir = tmp_path
+    mp.spawn(_rank_main, args=(free_port(), tmp_path, cfg, source), nprocs=2)
+    s0, s1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    # parameters and the queue agree exactly; BN running stats are per rank (as in MoCo)
+    checked = [n for n in s0 if "running_" not in n and "num_batches" not in n]
+    assert len(checked) > 100
+    for name in checked:
+        assert torch.equal(s0[name], s1[name]), name
+    assert int(s0["queue_ptr"]) == 0  # 4 steps x 8 keys through a queue of 16
+    ids = [np.loadtxt(tmp_path / f"ids-rank{r}-epoch0.txt", dtype=np.int64).reshape(-1) for r in (0, 1)]
+    assert len(ids[0]) == len(ids[1]) == 16
+    assert not set(ids[0]) & set(ids[1])
+    assert sorted(np.concatenate(ids)) == sorted(epoch_ids(32, 8, 0, 1, cfg.seed, 0))
+
+
+def test_schedule_and_refresh_epochs():
+    cfg = tiny(epochs=10, warmup_epochs=1, base_lr=0.256)  # lr = 0.008 at batch 8
+    assert lr_at(cfg, 0, 100, 10) == pytest.approx(0.008 / 10)
+    assert lr_at(cfg, 10, 100, 10) == pytest.approx(0.008)
+    assert lr_at(cfg, 55, 100, 10) == pytest.approx(0.004)
+    c = tiny(clim_start_epoch=2, mine_every=3)
+    assert [e for e in range(10) if is_refresh_epoch(c, e)] == [2, 5, 8]
+    c = tiny(clim_start_epoch=0, mine_every=3, init_table="t.npz")
+    assert [e for e in range(10) if is_refresh_epoch(c, e)] == [3, 6, 9]
+    assert not any(is_refresh_epoch(tiny("moco_v2"), e) for e in range(5))
+
+
+def test_bad_setups_are_user_errors(tmp_path):
+    from clim_fast.errors import UserError
+
+    with pytest.raises(UserError, match="queue_size"):
+        run_training(tiny(queue_size=12), SyntheticSource(32), tmp_path / "a", progress=False)
+    with pytest.raises(UserError, match="batch-size"):
+        run_training(tiny(batch_size=64, queue_size=64), SyntheticSource(32), tmp_path / "b", progress=False)
+    (tmp_path / "c" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "c" / "checkpoints" / "x.pt").write_bytes(b"junk")
+    with pytest.raises(UserError, match="x.pt"):
+        run_training(tiny(), SyntheticSource(32), tmp_path / "c", resume=tmp_path / "c" / "checkpoints" / "x.pt")
