@@ -20,7 +20,7 @@ CHECKPOINT = typer.Option(..., "--checkpoint", help="Training checkpoint (.pt)."
 SHARDS = typer.Option(..., "--shards", help="Shard folder (training split).", show_default=False)
 VAL_SHARDS = typer.Option(None, "--val-shards", help="Shard folder of the validation split.")
 OUT = typer.Option(None, "--out", help="Folder for cached features, metrics and pictures "
-                   "[default: RUN/eval next to the checkpoint's run].")
+                   "(default: RUN/eval next to the checkpoint's run).")
 IMAGE_SIZE = typer.Option(None, "--image-size", help="Input size (default: the checkpoint's).")
 BATCH_SIZE = typer.Option(256, "--batch-size", help="Images per batch.")
 DEVICE = typer.Option("auto", "--device", help="auto (cuda when available), cpu or cuda.")

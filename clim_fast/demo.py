@@ -49,7 +49,7 @@ class Budget:
 # gpu: the default with one (all 5000 MNIST images at 32 px, more epochs).
 BUDGETS = {
     "tiny": Budget(per_class=12, val_fraction=0.25, image_size=16, epochs=2, batch_size=30, queue_size=60,
-                   clusters=6, knn_k=5, mine_every=1, clim_start_epoch=1, workers=0, tsne_per_class=8),
+                   clusters=6, knn_k=5, mine_every=1, clim_start_epoch=1, tsne_per_class=8),
     "cpu": Budget(),
     "gpu": Budget(per_class=None, image_size=32, epochs=30, batch_size=128, queue_size=4096, base_lr=0.06,
                   clusters=60, knn_k=20, mine_every=3, clim_start_epoch=3, workers=4, dali_threads=4,
@@ -115,8 +115,7 @@ def run_demo(out: str | Path = "demo-out", *, budget: str = "auto", data: str | 
              reference: bool = True, log=print) -> Path:
     """Run the demo into `out`; returns the path of report.md."""
     from clim_fast.demo_data import write_demo_folders
-    from clim_fast.evaluation import (checkpoint_features, class_similarity, extract_backbone_features, knn_classify,
-                                      tsne_plot)
+    from clim_fast.evaluation import checkpoint_features, class_similarity, knn_classify, tsne_plot
     from clim_fast.report import plot_bars, plot_loss_curves, read_log, write_report
     from clim_fast.train import run_training
     from shards import ShardDataset, write_shards

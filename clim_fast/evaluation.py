@@ -34,11 +34,15 @@ def _labels(x) -> torch.Tensor:
 
 @torch.no_grad()
 def knn_scores(train_feats, train_labels, test_feats, *, k: int = 200, t: float = 0.07,
-               num_classes: int | None = None, chunk: int = 1024) -> torch.Tensor:
-    """Class scores [M, C] of the InstDisc/MoCo weighted kNN: sum of exp(cos/t) over the k nearest."""
-    train = F.normalize(_as_tensor(train_feats), dim=1)
-    test = F.normalize(_as_tensor(test_feats), dim=1)
-    labels = _labels(train_labels)
+               num_classes: int | None = None, chunk: int | None = None, device=None) -> torch.Tensor:
+    """Class scores [M, C] of the InstDisc/MoCo weighted kNN: sum of exp(cos/t) over the k nearest.
+
+    Runs on `device` (default: the GPU when there is one) in query chunks whose similarity block
+    stays near 64M entries, so an ImageNet-sized memory bank fits."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    train = F.normalize(_as_tensor(train_feats), dim=1).to(device)
+    test = F.normalize(_as_tensor(test_feats), dim=1).to(device)
+    labels = _labels(train_labels).to(device)
     if train.shape[0] == 0 or train.shape[0] != labels.shape[0]:
         raise UserError(f"knn: need one label per training feature, got {train.shape[0]} features "
                         f"and {labels.shape[0]} labels")
@@ -46,13 +50,14 @@ def knn_scores(train_feats, train_labels, test_feats, *, k: int = 200, t: float 
         raise UserError(f"knn: train features have {train.shape[1]} dims, test features {test.shape[1]}")
     num_classes = int(num_classes or int(labels.max()) + 1)
     k = min(k, train.shape[0])
-    scores = torch.zeros(test.shape[0], num_classes)
+    chunk = chunk or max(1, (1 << 26) // train.shape[0])
+    scores = torch.zeros(test.shape[0], num_classes, device=device)
     for start in range(0, test.shape[0], chunk):
         sim = test[start:start + chunk] @ train.T
         top_sim, top_idx = sim.topk(k, dim=1)
         weights = (top_sim / t).exp()
         scores[start:start + chunk].scatter_add_(1, labels[top_idx], weights)
-    return scores
+    return scores.cpu()
 
 
 def knn_classify(train_feats, train_labels, test_feats, test_labels, k: int = 200, t: float = 0.07,
@@ -80,14 +85,18 @@ def class_similarity(feats, labels) -> dict:
     mean over classes. inter: for each pair of distinct classes, the mean over their cross pairs,
     then the mean over class pairs. Computed from per-class feature sums, so O(N d).
     """
-    f = F.normalize(_as_tensor(feats).double(), dim=1)
-    y = _labels(labels)
-    classes, y = torch.unique(y, return_inverse=True)
+    feats = _as_tensor(feats)
+    classes, y = torch.unique(_labels(labels), return_inverse=True)
     c = classes.shape[0]
     counts = torch.bincount(y, minlength=c).double()
-    sums = torch.zeros(c, f.shape[1], dtype=torch.float64).index_add_(0, y, f)
+    sums = torch.zeros(c, feats.shape[1], dtype=torch.float64)
+    self_sims = torch.zeros(c, dtype=torch.float64)
+    for start in range(0, feats.shape[0], 65536):  # float64 in chunks: ImageNet-sized inputs fit
+        f = F.normalize(feats[start:start + 65536].double(), dim=1)
+        yc = y[start:start + 65536]
+        sums.index_add_(0, yc, f)
+        self_sims.index_add_(0, yc, (f * f).sum(1))
     gram = sums @ sums.T  # gram[a, b] = sum over i in a, j in b of cos(f_i, f_j)
-    self_sims = torch.zeros(c, dtype=torch.float64).index_add_(0, y, (f * f).sum(1))
     multi = counts >= 2
     intra_per_class = (gram.diagonal() - self_sims)[multi] / (counts * (counts - 1))[multi]
     pair_means = gram / (counts[:, None] * counts[None, :])
@@ -102,7 +111,7 @@ def class_similarity(feats, labels) -> dict:
 # --- t-SNE picture ------------------------------------------------------------------------------
 
 def tsne_plot(feats, labels, path, classes: int = 10, seed: int = 0, per_class: int = 300,
-              class_names: list[str] | None = None, title: str | None = None) -> dict:
+              class_names: list[str] | None = None, title: str | None = None, iterations: int = 1000) -> dict:
     """A PNG of a 2-D t-SNE of `classes` random classes (at most `per_class` samples each),
     coloured by class, as CLIM's Figure 1. Returns what was drawn."""
     import matplotlib
@@ -125,7 +134,7 @@ def tsne_plot(feats, labels, path, classes: int = 10, seed: int = 0, per_class: 
         raise UserError(f"tsne: need at least 3 samples, got {idx.size}")
     perplexity = float(min(30.0, (idx.size - 1) / 3))
     emb = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed,
-               learning_rate="auto").fit_transform(f[idx])
+               learning_rate="auto", max_iter=max(250, iterations)).fit_transform(f[idx])
 
     fig, ax = plt.subplots(figsize=(6, 6), dpi=120)
     cmap = plt.get_cmap("tab10" if chosen.size <= 10 else "tab20")

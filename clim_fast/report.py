@@ -45,29 +45,31 @@ def read_log(path: str | Path) -> list[dict]:
     return rows
 
 
-def loss_curve(rows: list[dict]) -> tuple[list[float], list[float]]:
-    """(x in epochs, training loss) from a run log: step rows when there are any, else epoch rows."""
-    steps = [r for r in rows if r.get("kind") == "step" and "loss" in r and "iteration" in r]
+def loss_curve(rows: list[dict], key: str = "loss") -> tuple[list[float], list[float]]:
+    """(x in epochs, the logged `key`) from a run log: step rows when there are any, else epoch rows."""
+    steps = [r for r in rows if r.get("kind") == "step" and key in r and "iteration" in r]
     if steps:
         per_epoch = max(int(r.get("step", 0)) for r in steps) or 1  # each epoch logs its last step
-        return [float(r["iteration"]) / per_epoch for r in steps], [float(r["loss"]) for r in steps]
-    epochs = [r for r in rows if r.get("kind") == "epoch" and "loss" in r]
-    return [float(r["epoch"]) + 1 for r in epochs], [float(r["loss"]) for r in epochs]
+        return [float(r["iteration"]) / per_epoch for r in steps], [float(r[key]) for r in steps]
+    epochs = [r for r in rows if r.get("kind") == "epoch" and key in r]
+    return [float(r["epoch"]) + 1 for r in epochs], [float(r[key]) for r in epochs]
 
 
 def plot_loss_curves(logs: dict[str, list[dict]], path: str | Path) -> Path:
+    """Left: InfoNCE(q_anchor, k_anchor), the term both methods share; right: the total loss
+    (CLIM adds its mixing term from its first mining epoch on)."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for name, rows in logs.items():
-        xs, ys = loss_curve(rows)
-        if xs:
-            ax.plot(xs, ys, label=name, color=COLOURS.get(name), marker="o" if len(xs) < 30 else None, ms=3)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("training loss")
-    ax.set_title("Pretraining loss (CLIM's loss has extra mixing terms: compare shapes, not levels)",
-                 fontsize=8)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
+    for ax, key, title in ((axes[0], "loss_moco", "anchor InfoNCE (shared term, comparable)"),
+                           (axes[1], "loss", "total training loss")):
+        for name, rows in logs.items():
+            xs, ys = loss_curve(rows, key)
+            if xs:
+                ax.plot(xs, ys, label=name, color=COLOURS.get(name), marker="o" if len(xs) < 30 else None, ms=3)
+        ax.set_xlabel("epoch")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     return _save(fig, path)
 

@@ -99,7 +99,7 @@ def test_tsne_png_is_written(tmp_path):
 
     feats, labels = _blobs(20, 12, 16, spread=0.5, seed=6)
     info = tsne_plot(feats, labels, tmp_path / "tsne.png", classes=10, seed=0,
-                     class_names=[f"class {i}" for i in range(12)])
+                     class_names=[f"class {i}" for i in range(12)], iterations=250)
     img = Image.open(tmp_path / "tsne.png")
     assert img.format == "PNG" and img.size[0] > 300
     assert len(info["classes"]) == 10 and info["points"] == 200

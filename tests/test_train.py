@@ -160,3 +160,30 @@ def test_bad_setups_are_user_errors(tmp_path):
     (tmp_path / "c" / "checkpoints" / "x.pt").write_bytes(b"junk")
     with pytest.raises(UserError, match="x.pt"):
         run_training(tiny(), SyntheticSource(32), tmp_path / "c", resume=tmp_path / "c" / "checkpoints" / "x.pt")
+
+
+@pytest.mark.slow
+def test_a_few_epochs_on_real_images_lower_the_loss(shard_dir, tmp_path):
+    """The real path end to end: shards -> DALI PretrainLoader -> online mining -> CLIM steps."""
+    pytest.importorskip("dali_pipelines")
+    from typer.testing import CliRunner
+
+    from cli.app import app
+
+    run = tmp_path / "run"
+    args = ["train", "--shards", str(shard_dir), "--out", str(run), "--preset", "clim", "--arch", "resnet18",
+            "--image-size", "16", "--batch-size", "16", "--epochs", "5"]
+    for pair in ("queue_size=16", "clusters=4", "knn_k=4", "mine_every=3", "log_every=1", "workers=1",
+                 "dali_threads=1", "base_lr=2.0", "checkpoint_every=5"):
+        args += ["--set", pair]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    steps = read_log(run, "step")
+    assert len(steps) == 15 and all(np.isfinite(s["loss"]) for s in steps)
+    # the queue (one batch) is full after step 1, so the InfoNCE terms start near log(17) = 2.83
+    early = np.mean([s["loss_moco"] for s in steps[1:3]])
+    late = np.mean([s["loss_moco"] for s in steps[-3:]])
+    assert late < early - 0.1
+    assert sorted(p.name for p in (run / "tables").iterdir()) == ["table-epoch-0000.npz", "table-epoch-0003.npz"]
+    _, cfg, ckpt = model_from_checkpoint(run / "checkpoints" / "last.pt")
+    assert ckpt["epoch"] == 5 and ckpt["table_path"].endswith("table-epoch-0003.npz") and cfg.mix == "cutmix"
