@@ -162,7 +162,6 @@ def test_bad_setups_are_user_errors(tmp_path):
         run_training(tiny(), SyntheticSource(32), tmp_path / "c", resume=tmp_path / "c" / "checkpoints" / "x.pt")
 
 
-@pytest.mark.slow
 def test_a_few_epochs_on_real_images_lower_the_loss(shard_dir, tmp_path):
     """The real path end to end: shards -> DALI PretrainLoader -> online mining -> CLIM steps."""
     pytest.importorskip("dali_pipelines")
