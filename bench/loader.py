@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -22,19 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
-
-def machine() -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__}
+from clim_fast.machine import machine_info  # noqa: E402
 
 
 def random_table(ds, k: int, seed: int = 0):
@@ -157,7 +144,7 @@ def main() -> None:
               "moco_v2_vs_torchvision": results["dali_moco_v2"] / results["torchvision_pil"]}
     for key, value in ratios.items():
         print(f"ratio {key}: {value:.2f}x")
-    info = machine()
+    info = machine_info()
     print(f"machine: {info}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -27,18 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from clim_fast.kmeans import kmeans_faiss, kmeans_torch  # noqa: E402
 from clim_fast.knn import knn_faiss, knn_naive_torch, knn_torch  # noqa: E402
 from clim_fast.mining import faiss_gpus, select_positives  # noqa: E402
+from clim_fast.machine import machine_info  # noqa: E402
 
 SIZES = {"small": [10_000, 20_000, 40_000], "full": [1_280_000]}
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return dict(cpu=cpu, cores=os.cpu_count(), gpu=gpu, torch=torch.__version__, faiss_gpus=faiss_gpus())
 
 
 def synthetic_features(n: int, d: int, true_clusters: int, device, seed: int = 0) -> torch.Tensor:
@@ -98,7 +86,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    info = machine()
+    info = dict(machine_info(), faiss_gpus=faiss_gpus())
     print(f"machine: {info}")
     results = []
     for n in args.n or SIZES[args.size]:

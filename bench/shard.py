@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -32,23 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from clim_fast.testing import make_photo_folder  # noqa: E402
 from shards import write_shards  # noqa: E402
 from shards.sources import find_sources  # noqa: E402
+from clim_fast.machine import machine_info  # noqa: E402
 
 # (classes, images per class, JPEG long side range). Full size is about ImageNet's JPEG sizes.
 SIZES = {"small": (10, 200, (160, 320)), "full": (10, 2000, (300, 500))}
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = None
-    if shutil.which("nvidia-smi"):
-        query = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                               capture_output=True, text=True)
-        gpu = query.stdout.strip().splitlines()[0] if query.returncode == 0 and query.stdout.strip() else None
-    return dict(cpu=cpu, cores=os.cpu_count(), gpu=gpu, python=platform.python_version())
 
 
 def baseline(src: Path, out: Path, maxcount: int, seed: int) -> tuple[int, float]:
@@ -106,7 +92,7 @@ def main() -> None:
         _, t_one = timed(lambda: write_shards(src, work / "ours-1", maxcount=args.maxcount, workers=1, seed=0))
         result = {
             "benchmark": "shard",
-            "machine": machine(),
+            "machine": machine_info(),
             "size": "custom" if args.src else args.size,
             "images": n_ours,
             "mean_jpeg_kb": round(input_bytes / max(n_ours, 1) / 1e3, 1),

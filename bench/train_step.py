@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -24,19 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from clim_fast.config import make_config  # noqa: E402
 from clim_fast.synthetic import SyntheticPretrainLoader, label_table  # noqa: E402
 from clim_fast.train import Trainer, train_step  # noqa: E402
-
-
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__}
+from clim_fast.machine import machine_info  # noqa: E402
 
 
 def measure(trainer: Trainer, loader, steps: int, warmup: int) -> dict:
@@ -97,7 +83,7 @@ def main() -> None:
     else:
         torch.set_num_threads(2)
         arch, size, args.batch, steps, workers = "resnet18", 32, 16, args.steps or 3, 1
-    results = {"machine": machine(), "device": str(device), "arch": arch, "image_size": size,
+    results = {"machine": machine_info(), "device": str(device), "arch": arch, "image_size": size,
                "batch": args.batch, "runs": []}
     print(json.dumps(results["machine"]))
     with tempfile.TemporaryDirectory() as tmp:

@@ -17,7 +17,8 @@ def register(app: typer.Typer) -> None:
         shards: Path = typer.Option(..., "--shards", help="shard folder from `clim-fast shard`"),
         out: Path = typer.Option(..., "--out", help="run folder (config, log.jsonl, checkpoints, tables)"),
         preset: Optional[str] = typer.Option(None, "--preset", help="moco_v2 | clim | clim_multires | clim_mixup"),
-        gpus: int = typer.Option(0, "--gpus", help="GPUs on this node, one process each (0: CPU)"),
+        gpus: Optional[int] = typer.Option(
+            None, "--gpus", help="GPUs on this node, one process each; 0: CPU; default: all visible GPUs"),
         cpu_procs: int = typer.Option(1, "--cpu-procs", help="CPU processes on gloo when --gpus 0"),
         epochs: Optional[int] = typer.Option(None, "--epochs"),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", help="global batch over all processes"),
@@ -33,7 +34,12 @@ def register(app: typer.Typer) -> None:
         compile: bool = typer.Option(False, "--compile", help="torch.compile the encoders"),
     ):
         """Pretrain MoCo v2 / CLIM on shards."""
+        import torch
+
         from clim_fast.train import run_training
+
+        if gpus is None:
+            gpus = torch.cuda.device_count()
 
         overrides = dict(epochs=epochs, batch_size=batch_size, arch=arch, image_size=image_size,
                          init_table=str(table) if table else None, compile=True if compile else None)

@@ -8,7 +8,7 @@ checkpoint) -> report.md + PNGs.
 from __future__ import annotations
 
 import json
-import platform
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
@@ -19,6 +19,7 @@ import torch
 
 from clim_fast.errors import UserError
 from clim_fast.io import atomic_write_text
+from clim_fast.machine import cpu_name
 
 PRESETS = ("moco_v2", "clim")
 
@@ -78,18 +79,8 @@ def train_config(preset: str, budget: Budget, seed: int):
 
 
 def machine_line(device: torch.device) -> str:
-    import os
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     gpu = f", GPU {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
-    return f"{device.type} ({cpu}, {os.cpu_count()} cores{gpu})"
+    return f"{device.type} ({cpu_name()}, {os.cpu_count()} cores{gpu})"
 
 
 def positive_purity(table_path: str | Path, labels: np.ndarray) -> dict:

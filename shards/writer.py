@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from clim_fast.errors import UserError
-from clim_fast.io import atomic_open, atomic_write_bytes, atomic_write_text
+from clim_fast.io import atomic_write_bytes, atomic_write_text
 from shards.dali_index import index_line, index_text
 from shards.encode import SKIP, Checked, check_chunk, check_file
 from shards.format import (DEFAULT_MAXCOUNT, FORMAT_NAME, FORMAT_VERSION, MANIFEST, PARTIAL,

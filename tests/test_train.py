@@ -8,7 +8,7 @@ import torch
 from clim_fast.checkpoint import load_checkpoint, model_from_checkpoint
 from clim_fast.config import make_config
 from clim_fast.metrics import read_log
-from clim_fast.synthetic import SyntheticPretrainLoader, SyntheticSource, epoch_ids
+from clim_fast.synthetic import SyntheticSource, epoch_ids
 from clim_fast.train import is_refresh_epoch, lr_at, run_training
 
 
