@@ -1,0 +1,235 @@
+#!/usr/bin/env bash
+# The GPU path of clim-fast, end to end, in one run (issue 7; how-to: docs/gpu-check.md).
+#
+# On the lent GPU machine, after the DALI carry of ../shared/device/README.md (the check runs in
+# the fourth call, right after install.sh):
+#
+#     bash .carry/dali4/install.sh && . /tmp/carry-env.sh && COMMIT=<sha> bash bench/gpu_check.sh
+#
+# Steps (each prints a "===== [i/n] name" header, each is time-boxed, a failure is recorded and
+# the next step still runs; the whole check stops starting steps after BUDGET_S seconds):
+#   meta        versions, GPU, which optional packages import (faiss, webdataset, DALI)
+#   tests       python3 -m pytest -q -m gpu tests/   (GPU-marked tests)
+#   data        a few thousand 400-500 px JPEGs (clim_fast.testing.make_photo_folder) -> `cli shard`
+#   train       `cli train --preset clim_multires` on those shards, two online mining refreshes
+#               (torch engine), SIGTERM in the middle of epoch 2, then `--resume auto` to the end
+#   train_step  bench/train_step.py --full  (RN50, 224 px, batch 256, bf16; synthetic vs real data)
+#   mine        bench/mine.py --size full   (1.28M x 128, m=10000, k=40; torch engine vs naive torch)
+#   loader      bench/loader.py --full      (DALI graphs vs torchvision + PIL, same images)
+# Results: $OUT/gpu_check.json (every figure, the DESIGN section 7 targets next to them, rewritten
+# after every step), $OUT/gpu_check.log (all output), $OUT/train_log.jsonl (the run's log).
+#
+# Environment:
+#   OUT=DIR        where results go (the device tool sets it)          default ./gpu-check-out
+#   PYTHON=EXE     interpreter                                           default python3
+#   SMALL=1        CPU rehearsal: a few hundred tiny JPEGs, small bench modes, CUDA hidden
+#   STEPS="..."    run only these steps (a rerun on the same warm machine reuses WORK's shards)
+#   WORK=DIR       scratch folder                       default /tmp/clim-gpucheck (-small)
+#   BUDGET_S=N     no step starts after N s; limits are clamped to it   default 480
+#   COMMIT=SHA     recorded in the JSON (the device copy of the checkout has no .git)
+#   PER_CLASS=N    JPEGs per class (10 classes)                        default 400 (SMALL: 32)
+#
+# faiss: the GPU machine has none and faiss-gpu cannot travel (CUDA 12 libraries). Nothing on the
+# torch-engine path imports it (mining.py and bench/mine.py import faiss lazily; `faiss_gpus()`
+# returns 0 without it), so every step here runs without it. The one GPU test that needs it,
+# tests/test_mining.py::test_gpu_torch_engine_matches_faiss (compares against knn_faiss / the
+# faiss engine), is deselected and listed in the JSON when `import faiss` fails. To run it too,
+# carry faiss-cpu (19 MB wheel) - see docs/gpu-check.md: the wheel rides along with .carry/dali1
+# in call 1 (`cp .carry/dali1/* .carry/faiss/*.whl /tmp/carry/`) and install.sh unpacks every
+# /tmp/carry/*.whl into /tmp/site; or, as a fifth call before the check, carry [".carry/faiss"]
+# with `cp .carry/faiss/*.whl /tmp/carry/` before install.sh runs.
+# webdataset: not imported anywhere on the shard / train / bench path (only tests/test_shards.py
+# and bench/shard.py's baseline use it, inside functions); make-carry.sh carries it anyway.
+
+set -u
+cd "$(dirname "$0")/.." || exit 1
+PY=${PYTHON:-python3}
+SMALL=${SMALL:-0}
+NPROC=$(nproc 2>/dev/null || echo 4)
+export PYTHONUNBUFFERED=1 SMALL
+HELPER="bench/gpu_check_data.py"
+
+if [ "$SMALL" = 1 ]; then
+    export CUDA_VISIBLE_DEVICES=""   # the rehearsal is a CPU run even on a GPU machine
+    WORK=${WORK:-/tmp/clim-gpucheck-small}
+    PER_CLASS=${PER_CLASS:-32}; SIDE="96 160"; MAXCOUNT=100
+    LOADER_ARGS=(--epochs 1); TRAIN_STEP_ARGS=(); MINE_ARGS=(--size small --n 10000)
+    GPUS=(--gpus 0)
+    TRAIN_SET="arch=resnet18 image_size=32 batch_size=32 queue_size=256 workers=1 dali_threads=1
+               epochs=5 clim_start_epoch=1 mine_every=2 clusters=16 knn_k=10 mine_engine=torch
+               log_every=2 checkpoint_every=2"
+    BOX_TESTS=150; BOX_DATA=120; BOX_TRAIN1=${BOX_TRAIN1:-120}; BOX_TRAIN2=${BOX_TRAIN2:-90}; BOX_TS=120; BOX_MINE=120; BOX_LOADER=120
+else
+    WORK=${WORK:-/tmp/clim-gpucheck}
+    PER_CLASS=${PER_CLASS:-400}; SIDE="400 500"; MAXCOUNT=1000
+    LOADER_ARGS=(--full --workers 14); TRAIN_STEP_ARGS=(--full); MINE_ARGS=(--size full)
+    GPUS=(--gpus 1)
+    # 4000 samples / 256 = 15 steps an epoch; mining at epochs 1 and 3 (clusters: 4000 / 64 ~ 62
+    # per cluster), SIGTERM at the first logged step of epoch 2, the resume runs epochs 2 to 4
+    TRAIN_SET="arch=resnet50 image_size=224 batch_size=256 queue_size=4096 workers=10 dali_threads=4
+               epochs=5 clim_start_epoch=1 mine_every=2 clusters=64 knn_k=40 mine_engine=torch
+               log_every=2 checkpoint_every=2"
+    BOX_TESTS=150; BOX_DATA=120; BOX_TRAIN1=${BOX_TRAIN1:-130}; BOX_TRAIN2=${BOX_TRAIN2:-100}; BOX_TS=150; BOX_MINE=120; BOX_LOADER=120
+fi
+CLASSES=10
+BUDGET_S=${BUDGET_S:-480}
+DEFAULT_STEPS="meta tests data train train_step mine loader"
+STEPS=${STEPS:-$DEFAULT_STEPS}
+OUT=${OUT:-$PWD/gpu-check-out}
+RUN="$WORK/run"
+
+now() { date +%s.%N; }
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
+
+# ---------------------------------------------------------------------------------------------
+# step bodies (run as `bash bench/gpu_check.sh __step NAME` under `timeout`, so a hung step takes
+# its whole process group - DALI workers, DataLoader workers - with it)
+
+body_data() {
+    rm -rf "$WORK/photos" "$WORK/shards" "$WORK/photos.json" "$WORK/shard.json"
+    echo "-- $CLASSES classes x $PER_CLASS JPEGs, long side $SIDE px, $NPROC processes"
+    # shellcheck disable=SC2086
+    "$PY" "$HELPER" photos "$WORK/photos" --classes "$CLASSES" --per-class "$PER_CLASS" --side $SIDE \
+        --procs "$NPROC" --json "$WORK/photos.json" || return 1
+    echo "-- $PY -m cli shard $WORK/photos $WORK/shards --maxcount $MAXCOUNT --workers $NPROC --verify"
+    local t0; t0=$(now)
+    "$PY" -m cli shard "$WORK/photos" "$WORK/shards" --maxcount "$MAXCOUNT" --workers "$NPROC" --verify || return 1
+    printf '{"seconds": %s, "images": %s, "maxcount": %s, "workers": %s}\n' "$(since "$t0")" \
+        "$((CLASSES * PER_CLASS))" "$MAXCOUNT" "$NPROC" > "$WORK/shard.json"
+}
+
+# train: not under one outer `timeout` (phase 1 must get a SIGTERM of its own, to its main process
+# only, as a scheduler would send it); each phase has its own limit instead.
+body_train() {
+    [ -f "$WORK/shards/manifest.json" ] || { echo "no shards in $WORK/shards (run the data step)"; return 1; }
+    rm -rf "$RUN" "$WORK/train_phases.json"
+    local sets=() kv
+    for kv in $TRAIN_SET; do sets+=(--set "$kv"); done
+    echo "-- phase 1: $PY -m cli train --shards $WORK/shards --out $RUN --preset clim_multires ${GPUS[*]} ${sets[*]}"
+    local t0 pid wait_rc rc1 sent=0 i
+    t0=$(now)
+    "$PY" -m cli train --shards "$WORK/shards" --out "$RUN" --preset clim_multires "${GPUS[@]}" "${sets[@]}" &
+    pid=$!
+    "$PY" "$HELPER" wait-train "$RUN/log.jsonl" --pid "$pid" --min-epoch 2 --need-mine --timeout "$BOX_TRAIN1"
+    wait_rc=$?
+    if kill -0 "$pid" 2>/dev/null; then
+        if [ "$wait_rc" = 0 ]; then echo "-- SIGTERM to the training process $pid (mid-epoch 2)"; sent=1
+        else echo "-- phase 1 did not reach epoch 2 in time: SIGTERM to $pid"; fi
+        kill -TERM "$pid"
+        for i in $(seq 1 300); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+        if kill -0 "$pid" 2>/dev/null; then echo "-- still running 60 s after SIGTERM: SIGKILL"; kill -KILL "$pid"; fi
+    fi
+    wait "$pid"; rc1=$?
+    local s1; s1=$(since "$t0")
+    echo "-- phase 1 exit $rc1 after ${s1} s (SIGTERM mid-run sent: $sent)"
+    [ -f "$RUN/checkpoints/last.pt" ] && echo "-- checkpoint after SIGTERM: $RUN/checkpoints/last.pt"
+
+    echo "-- phase 2: $PY -m cli train --shards $WORK/shards --out $RUN --resume auto ${GPUS[*]}"
+    local t1 rc2; t1=$(now)
+    timeout -k 10 "$BOX_TRAIN2" "$PY" -m cli train --shards "$WORK/shards" --out "$RUN" --resume auto "${GPUS[@]}"
+    rc2=$?
+    local s2; s2=$(since "$t1")
+    echo "-- phase 2 exit $rc2 after ${s2} s"
+    printf '{"train_phase1": {"rc": %d, "seconds": %s, "sigterm_mid_run": %s, "wait_rc": %d},
+ "train_phase2_resume": {"rc": %d, "seconds": %s, "timed_out": %s}}\n' "$rc1" "$s1" \
+        "$([ $sent = 1 ] && echo true || echo false)" "$wait_rc" "$rc2" "$s2" \
+        "$([ $rc2 = 124 ] || [ $rc2 = 137 ] && echo true || echo false)" > "$WORK/train_phases.json"
+    [ "$rc1" = 0 ] && [ "$sent" = 1 ] && [ "$rc2" = 0 ]
+}
+
+if [ "${1:-}" = "__step" ]; then
+    case "$2" in
+        meta) exec "$PY" "$HELPER" meta "$WORK/meta.json" ;;
+        tests)
+            deselect=()
+            if ! "$PY" -c "import faiss" 2>/dev/null; then
+                t="tests/test_mining.py::test_gpu_torch_engine_matches_faiss"
+                deselect=(--deselect "$t")
+                printf '[{"test": "%s", "reason": "faiss not importable here (carry faiss-cpu to run it)"}]\n' "$t" \
+                    > "$WORK/deselected.json"
+                echo "-- faiss missing: deselecting $t"
+            else
+                rm -f "$WORK/deselected.json"
+            fi
+            exec "$PY" -m pytest -q -m gpu tests/ -p no:cacheprovider -rfEs --junitxml="$WORK/pytest.xml" \
+                ${deselect[@]+"${deselect[@]}"} ;;
+        data) body_data; exit $? ;;
+        train) body_train; exit $? ;;
+        train_step) exec "$PY" bench/train_step.py ${TRAIN_STEP_ARGS[@]+"${TRAIN_STEP_ARGS[@]}"} \
+                        --shards "$WORK/shards" --json "$WORK/train_step.json" ;;
+        mine) exec "$PY" bench/mine.py "${MINE_ARGS[@]}" --json "$WORK/mine.json" ;;
+        loader) exec "$PY" bench/loader.py "${LOADER_ARGS[@]}" --data "$WORK" --json "$WORK/loader.json" ;;
+        *) echo "unknown step $2"; exit 2 ;;
+    esac
+fi
+
+# ---------------------------------------------------------------------------------------------
+# driver
+
+mkdir -p "$OUT" "$WORK" || exit 1
+if [ "$STEPS" = "$DEFAULT_STEPS" ]; then   # a full check starts clean; a partial rerun keeps WORK
+    (cd "$WORK" && rm -rf photos shards run steps.jsonl ./*.json pytest.xml)
+fi
+exec > >(tee -a "$OUT/gpu_check.log") 2>&1
+TEE_PID=$!
+T0=$SECONDS
+set -- $STEPS
+TOTAL=$#
+echo "gpu_check: $(date -u +%FT%TZ) SMALL=$SMALL PYTHON=$PY WORK=$WORK OUT=$OUT budget ${BUDGET_S}s steps: $STEPS"
+
+combine() { "$PY" "$HELPER" combine "$WORK" "$OUT/gpu_check.json" "$@" || echo "(combine failed: rc $?)"; }
+
+record() {  # name rc seconds limit
+    local timed=false
+    { [ "$2" = 124 ] || [ "$2" = 137 ]; } && timed=true
+    printf '{"step": "%s", "rc": %d, "seconds": %s, "limit_s": %d, "timed_out": %s}\n' "$1" "$2" "$3" "$4" "$timed" \
+        >> "$WORK/steps.jsonl"
+}
+
+box_of() {
+    case "$1" in
+        meta) echo 90 ;; tests) echo "$BOX_TESTS" ;; data) echo "$BOX_DATA" ;;
+        train) echo $((BOX_TRAIN1 + BOX_TRAIN2 + 70)) ;; train_step) echo "$BOX_TS" ;;
+        mine) echo "$BOX_MINE" ;; loader) echo "$BOX_LOADER" ;; *) echo 60 ;;
+    esac
+}
+
+i=0
+for step in "$@"; do
+    i=$((i + 1))
+    left=$((BUDGET_S - (SECONDS - T0)))
+    box=$(box_of "$step")
+    limit=$(( box < left - 5 ? box : left - 5 ))
+    echo
+    echo "===== [$i/$TOTAL] $step (limit ${limit}s, $((SECONDS - T0))s elapsed) ====="
+    if [ "$limit" -lt 20 ]; then
+        echo "skipped: the budget of ${BUDGET_S}s is spent"
+        record "$step" 125 0 0
+        continue
+    fi
+    t0=$(now)
+    if [ "$step" = train ]; then
+        # the phases have their own limits; scale them down when the budget is short
+        if [ "$limit" -lt "$box" ]; then
+            BOX_TRAIN1=$(( (limit - 40) * 55 / 100 )); BOX_TRAIN2=$(( (limit - 40) * 45 / 100 ))
+        fi
+        BOX_TRAIN1=$BOX_TRAIN1 BOX_TRAIN2=$BOX_TRAIN2 bash "$0" __step train
+        rc=$?
+    else
+        timeout -k 10 "$limit" bash "$0" __step "$step"
+        rc=$?
+    fi
+    secs=$(since "$t0")
+    echo "----- $step: exit $rc in ${secs}s$([ $rc = 124 ] && echo ' (TIMED OUT)')"
+    record "$step" "$rc" "$secs" "$limit"
+    [ -f "$RUN/log.jsonl" ] && cp "$RUN/log.jsonl" "$OUT/train_log.jsonl"
+    combine
+done
+
+echo
+echo "===== summary ($((SECONDS - T0))s) ====="
+combine --print
+echo "results: $OUT/gpu_check.json"
+exec >&- 2>&-
+wait "$TEE_PID" 2>/dev/null
+exit 0
