@@ -13,6 +13,8 @@ from typing import Optional
 
 import typer
 
+from clim_fast.machine import resolve_device
+
 eval_app = typer.Typer(help="Measure a checkpoint: kNN, linear probe, class similarity, t-SNE.",
                        no_args_is_help=True)
 
@@ -32,20 +34,6 @@ ENCODER = typer.Option("query", "--encoder", help="Backbone to measure: query (w
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def _device(name: str):
-    import torch
-
-    from clim_fast.errors import UserError
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda"):
-        raise UserError(f"--device {name}: choose auto, cpu or cuda")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is available")
-    return torch.device(name)
 
 
 def default_out(checkpoint: Path) -> Path:
@@ -68,7 +56,7 @@ def _feature_kw(image_size, batch_size, device, workers, threads, encoder) -> di
 
     if encoder not in ("query", "key"):
         raise UserError(f"--encoder {encoder}: choose query or key")
-    return dict(image_size=image_size, batch_size=batch_size, device=_device(device), workers=workers,
+    return dict(image_size=image_size, batch_size=batch_size, device=resolve_device(device), workers=workers,
                 threads=threads, encoder=encoder)
 
 
@@ -119,7 +107,7 @@ def linear_command(checkpoint: Path = CHECKPOINT, shards: Path = SHARDS, val_sha
     out = out or default_out(checkpoint)
     metrics = linear_eval_checkpoint(checkpoint, shards, val_shards, image_size=image_size, batch_size=batch_size,
                                      epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                     milestones=steps, device=_device(device), workers=workers, threads=threads,
+                                     milestones=steps, device=resolve_device(device), workers=workers, threads=threads,
                                      seed=seed, log=_log)
     _finish("linear", checkpoint, out, metrics)
 

@@ -10,18 +10,7 @@ from typing import Optional
 import typer
 
 from clim_fast.errors import UserError
-
-
-def _device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda"):
-        raise UserError(f"--device {name}: choose auto, cpu or cuda")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is available")
-    return torch.device(name)
+from clim_fast.machine import resolve_device
 
 
 def mine_command(
@@ -50,7 +39,7 @@ def mine_command(
         raise UserError(f"--feature {feature}: choose head or backbone")
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: must be positive")
-    dev = _device(device)
+    dev = resolve_device(device)
     dataset = ShardDataset(shards)  # a bad shard folder fails here, before the model loads
     model, cfg, ckpt = model_from_checkpoint(checkpoint, map_location=dev)
     overrides = dict(mine_feature=feature, image_size=image_size, workers=workers, dali_threads=threads)

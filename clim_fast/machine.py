@@ -22,3 +22,18 @@ def machine_info() -> dict:
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"cpu": cpu_name(), "cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__}
+
+
+def resolve_device(name: str):
+    """`--device auto|cpu|cuda` as a torch.device; UserError for anything else or a missing GPU."""
+    import torch
+
+    from clim_fast.errors import UserError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: choose auto, cpu or cuda")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is available")
+    return torch.device(name)
