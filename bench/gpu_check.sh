@@ -22,22 +22,25 @@
 # Environment:
 #   OUT=DIR        where results go (the device tool sets it)          default ./gpu-check-out
 #   PYTHON=EXE     interpreter                                           default python3
-#   SMALL=1        CPU rehearsal: a few hundred tiny JPEGs, small bench modes, CUDA hidden
+#   SMALL=1        CPU rehearsal (about 3.5 min on 2 cores): 120 tiny JPEGs, small bench modes,
+#                  CUDA hidden
 #   STEPS="..."    run only these steps (a rerun on the same warm machine reuses WORK's shards)
 #   WORK=DIR       scratch folder                       default /tmp/clim-gpucheck (-small)
 #   BUDGET_S=N     no step starts after N s; limits are clamped to it   default 480
 #   COMMIT=SHA     recorded in the JSON (the device copy of the checkout has no .git)
-#   PER_CLASS=N    JPEGs per class (10 classes)                        default 400 (SMALL: 32)
+#   PER_CLASS=N    JPEGs per class (10 classes)                        default 400 (SMALL: 12)
 #
 # faiss: the GPU machine has none and faiss-gpu cannot travel (CUDA 12 libraries). Nothing on the
 # torch-engine path imports it (mining.py and bench/mine.py import faiss lazily; `faiss_gpus()`
 # returns 0 without it), so every step here runs without it. The one GPU test that needs it,
 # tests/test_mining.py::test_gpu_torch_engine_matches_faiss (compares against knn_faiss / the
 # faiss engine), is deselected and listed in the JSON when `import faiss` fails. To run it too,
-# carry faiss-cpu (19 MB wheel) - see docs/gpu-check.md: the wheel rides along with .carry/dali1
-# in call 1 (`cp .carry/dali1/* .carry/faiss/*.whl /tmp/carry/`) and install.sh unpacks every
-# /tmp/carry/*.whl into /tmp/site; or, as a fifth call before the check, carry [".carry/faiss"]
-# with `cp .carry/faiss/*.whl /tmp/carry/` before install.sh runs.
+# carry faiss-cpu (18.8 MB wheel) - see docs/gpu-check.md: the wheel rides along with
+# .carry/dali1 in call 1 (carry [".carry/dali1", ".carry/faiss"], command
+# `mkdir -p /tmp/carry && cp .carry/dali1/* .carry/faiss/*.whl /tmp/carry/`) and install.sh
+# unpacks every /tmp/carry/*.whl into /tmp/site (a separate call before call 4 works too).
+# bench/mine.py --faiss auto runs faiss for N <= 100k even without it (ImportError), so the mine
+# step passes --faiss no when faiss does not import (at --size full it would skip faiss anyway).
 # webdataset: not imported anywhere on the shard / train / bench path (only tests/test_shards.py
 # and bench/shard.py's baseline use it, inside functions); make-carry.sh carries it anyway.
 
@@ -51,17 +54,19 @@ HELPER="bench/gpu_check_data.py"
 
 if [ "$SMALL" = 1 ]; then
     export CUDA_VISIBLE_DEVICES=""   # the rehearsal is a CPU run even on a GPU machine
-    # one intra-op thread: on a small shared CPU, 2 threads per process thrash (10x slower steps)
-    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+    # on a small shared CPU, OpenMP threads that spin-wait thrash (a ResNet-18 step 0.17 s alone,
+    # 3 s beside two other busy processes); passive waiting and one thread avoid that
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
     WORK=${WORK:-/tmp/clim-gpucheck-small}
-    PER_CLASS=${PER_CLASS:-20}; SIDE="96 160"; MAXCOUNT=64
+    PER_CLASS=${PER_CLASS:-12}; SIDE="96 160"; MAXCOUNT=40
     LOADER_ARGS=(--epochs 1); TRAIN_STEP_ARGS=(--steps 2); MINE_ARGS=(--size small --n 5000)
     GPUS=(--gpus 0)
-    # 200 samples / 16 = 12 steps an epoch, the same schedule as the GPU run
-    TRAIN_SET="arch=resnet18 image_size=32 batch_size=16 queue_size=128 workers=1 dali_threads=1
-               epochs=5 clim_start_epoch=1 mine_every=2 clusters=10 knn_k=10 mine_engine=torch
+    # 120 samples / 12 = 10 steps an epoch; the GPU run's schedule minus its last epoch (a CLIM
+    # step takes seconds on a shared 2-core CPU): mining at epochs 1 and 3, SIGTERM in epoch 2
+    TRAIN_SET="arch=resnet18 image_size=32 batch_size=12 queue_size=120 workers=1 dali_threads=1
+               epochs=4 clim_start_epoch=1 mine_every=2 clusters=8 knn_k=10 mine_engine=torch
                log_every=2 checkpoint_every=2"
-    BOX_TESTS=150; BOX_DATA=120; BOX_TRAIN1=${BOX_TRAIN1:-120}; BOX_TRAIN2=${BOX_TRAIN2:-90}; BOX_TS=120; BOX_MINE=120; BOX_LOADER=120
+    BOX_TESTS=150; BOX_DATA=120; BOX_TRAIN1=${BOX_TRAIN1:-120}; BOX_TRAIN2=${BOX_TRAIN2:-120}; BOX_TS=120; BOX_MINE=120; BOX_LOADER=120
 else
     WORK=${WORK:-/tmp/clim-gpucheck}
     PER_CLASS=${PER_CLASS:-400}; SIDE="400 500"; MAXCOUNT=1000
@@ -160,7 +165,12 @@ if [ "${1:-}" = "__step" ]; then
         train) body_train; exit $? ;;
         train_step) exec "$PY" bench/train_step.py ${TRAIN_STEP_ARGS[@]+"${TRAIN_STEP_ARGS[@]}"} \
                         --shards "$WORK/shards" --json "$WORK/train_step.json" ;;
-        mine) exec "$PY" bench/mine.py "${MINE_ARGS[@]}" --json "$WORK/mine.json" ;;
+        mine)
+            # bench/mine.py's --faiss auto runs faiss for N <= 100k even when it is not installed
+            # (ImportError); at --size full it skips faiss without GPUs, so this matters for SMALL
+            faiss=()
+            "$PY" -c "import faiss" 2>/dev/null || { faiss=(--faiss no); echo "-- faiss missing: --faiss no"; }
+            exec "$PY" bench/mine.py "${MINE_ARGS[@]}" ${faiss[@]+"${faiss[@]}"} --json "$WORK/mine.json" ;;
         loader) exec "$PY" bench/loader.py "${LOADER_ARGS[@]}" --data "$WORK" --json "$WORK/loader.json" ;;
         *) echo "unknown step $2"; exit 2 ;;
     esac

@@ -306,10 +306,11 @@ def targets(results: dict, full: bool) -> dict:
             out["mining_round_1.28M_s"] = _row(row["ours_torch"]["total_s"], TARGETS["mining_round_1.28M_max_s"],
                                               "<=", True)
     ref = {}
+    arch = ts.get("arch", "?") if isinstance(ts, dict) else "?"
     if "moco_v2" in runs:
-        ref["rn50_moco_v2_step_anchors_per_s"] = runs["moco_v2"]["synthetic"]["anchors_per_s"]
+        ref[f"{arch}_moco_v2_step_anchors_per_s"] = runs["moco_v2"]["synthetic"]["anchors_per_s"]
     if "clim_multires" in runs:
-        ref["clim_multires_step_anchors_per_s (reference is clim, 2q 2k, no multires)"] = \
+        ref[f"{arch}_clim_multires_step_anchors_per_s (reference is clim, 2q 2k, no multires)"] = \
             runs["clim_multires"]["synthetic"]["anchors_per_s"]
     ld = results.get("loader", {})
     if isinstance(ld, dict) and "anchors_per_s" in ld:

@@ -29,6 +29,12 @@ from clim_fast.machine import machine_info  # noqa: E402
 SIZES = {"small": [10_000, 20_000, 40_000], "full": [1_280_000]}
 
 
+def faiss_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("faiss") is not None
+
+
 def synthetic_features(n: int, d: int, true_clusters: int, device, seed: int = 0) -> torch.Tensor:
     """Unit vectors around `true_clusters` random centres, cluster sizes uneven (as real data)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -100,7 +106,7 @@ def main() -> None:
         row["ours_torch"], ours_ids = run_torch(x, m, args.k, knn_torch)
         row["baseline_naive_torch"], naive_ids = run_torch(x, m, args.k, knn_naive_torch)
         row["knn_ids_agree"] = float((ours_ids == naive_ids).mean())
-        if args.faiss == "yes" or (args.faiss == "auto" and (faiss_gpus() > 0 or n <= 100_000)):
+        if args.faiss == "yes" or (args.faiss == "auto" and faiss_installed() and (faiss_gpus() > 0 or n <= 100_000)):
             row["faiss"], faiss_ids = run_faiss(x, m, args.k)
             row["faiss_vs_torch_ids_agree"] = float((faiss_ids == ours_ids).mean())
         row["knn_speedup_vs_naive"] = row["baseline_naive_torch"]["knn_s"] / row["ours_torch"]["knn_s"]

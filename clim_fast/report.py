@@ -110,8 +110,10 @@ def write_report(out: str | Path, summary: dict) -> Path:
         f"Data: {data['source']} ({data['classes']} classes), {data['train']} training and {data['val']} "
         f"validation images as {data['image_size']} px RGB JPEGs, sharded with `clim-fast shard`.",
         f"Budget (the same for both): {budget['arch']}, {budget['image_size']} px, {budget['epochs']} epochs, "
-        f"global batch {budget['batch_size']}, queue {budget['queue_size']}; CLIM mines positives online "
-        f"(K-means {budget['clusters']} clusters, k={budget['knn_k']}) from epoch {budget['clim_start_epoch']}, "
+        f"global batch {budget['batch_size']}, queue {budget['queue_size']}, "
+        f"temperature {budget.get('temperature', 0.2)}, base lr {budget['base_lr']} per 256; "
+        f"CLIM mines positives online (K-means {budget['clusters']} clusters, k={budget['knn_k']}) "
+        f"from epoch {budget['clim_start_epoch']}, "
         f"every {budget['mine_every']} epoch(s), CutMix alpha {budget['alpha']}.",
         f"Device: {summary['device']}. Wall time: {summary['seconds']:.0f} s.",
         "",
