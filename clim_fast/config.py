@@ -26,6 +26,7 @@ class Config:
     batch_size: int = 512  # global, across all ranks
     workers: int = 4  # DALI external-source worker processes per rank
     dali_threads: int = 4
+    crop_min_scale: float = 0.2  # RandomResizedCrop lower scale bound (MoCo v2: 0.2)
     # model (MoCo v2)
     arch: str = "resnet50"
     feat_dim: int = 128
@@ -79,6 +80,8 @@ class Config:
         for name in ("image_size", "batch_size", "epochs", "queue_size", "clusters", "knn_k", "mine_every"):
             if getattr(self, name) <= 0:
                 raise UserError(f"config: {name} must be positive, got {getattr(self, name)}")
+        if not 0 < self.crop_min_scale <= 1:
+            raise UserError(f"config: crop_min_scale must be in (0, 1], got {self.crop_min_scale}")
         if self.multires and self.mix == "none":
             raise UserError("config: multires needs a mixing method (set mix=cutmix or mix=mixup)")
 

@@ -52,7 +52,8 @@ class ShardSource:
 
         return PretrainLoader(self.root, batch_size=cfg.batch_size, image_size=cfg.image_size, rank=rank,
                               world_size=world_size, device=device, seed=cfg.seed, workers=cfg.workers,
-                              threads=cfg.dali_threads, multires_sizes=cfg.multires_sizes)
+                              threads=cfg.dali_threads, multires_sizes=cfg.multires_sizes,
+                              crop_min_scale=cfg.crop_min_scale)
 
     def refresh(self, model, cfg: Config, run_dir, epoch: int, device):
         from clim_fast.mining import refresh_table

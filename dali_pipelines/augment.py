@@ -54,14 +54,17 @@ class ViewSpec:
     color: bool = True
 
 
-def moco_views(image_size: int, extra_sizes: tuple[int, ...] = ()) -> tuple[ViewSpec, ...]:
+def moco_views(image_size: int, extra_sizes: tuple[int, ...] = (),
+               min_scale: float = MOCO_SCALE[0]) -> tuple[ViewSpec, ...]:
     """Two views at `image_size` (query, key), then one per multi-resolution size S whose crop scale
     range is MoCo's (0.2, 1.0) times S / image_size: CLIM's smaller crops cover proportionally
-    less of the image, so objects keep roughly their apparent size at the lower resolution."""
-    views = [ViewSpec(image_size), ViewSpec(image_size)]
+    less of the image, so objects keep roughly their apparent size at the lower resolution.
+    `min_scale` replaces MoCo's lower crop bound 0.2 (milder crops for tiny images)."""
+    scale = (min_scale, MOCO_SCALE[1])
+    views = [ViewSpec(image_size, scale), ViewSpec(image_size, scale)]
     for s in extra_sizes:
         r = s / image_size
-        views.append(ViewSpec(s, (MOCO_SCALE[0] * r, MOCO_SCALE[1] * r)))
+        views.append(ViewSpec(s, (scale[0] * r, scale[1] * r)))
     return tuple(views)
 
 

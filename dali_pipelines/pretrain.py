@@ -15,7 +15,7 @@ import nvidia.dali.fn as fn
 import nvidia.dali.types as types
 from nvidia.dali import pipeline_def
 
-from dali_pipelines.augment import ViewSpec, moco_views
+from dali_pipelines.augment import MOCO_SCALE, ViewSpec, moco_views
 from dali_pipelines.epochs import check_batch, steps_per_epoch
 from dali_pipelines.loader import DaliLoader, split_meta
 from dali_pipelines.ops import augmented_view, decode
@@ -62,12 +62,14 @@ class PretrainLoader(DaliLoader):
 
     def __init__(self, shards_dir, *, batch_size: int, image_size: int, rank: int = 0, world_size: int = 1,
                  device=torch.device("cpu"), seed: int = 0, workers: int = 2, threads: int = 2,
-                 multires_sizes=(), table=None, dtype: torch.dtype = torch.float32):
+                 multires_sizes=(), table=None, dtype: torch.dtype = torch.float32,
+                 crop_min_scale: float = MOCO_SCALE[0]):
         super().__init__(shards_dir, batch_size=batch_size, rank=rank, world_size=world_size, device=device,
                          workers=workers, threads=threads, dtype=dtype)
         self.local_batch = check_batch(self.num_samples, self.global_batch, self.world_size)
         self.image_size, self.seed = int(image_size), int(seed)
         self.multires_sizes = tuple(int(s) for s in multires_sizes)
+        self.crop_min_scale = float(crop_min_scale)
         self._table, self._table_dir, self._table_version = None, None, 0
         self._pending = _UNSET
         self._install_table(table)
@@ -116,8 +118,8 @@ class PretrainLoader(DaliLoader):
 
     def views(self) -> tuple[tuple[ViewSpec, ...], tuple[ViewSpec, ...]]:
         if self._table is None:
-            return moco_views(self.image_size), ()
-        views = moco_views(self.image_size, self.multires_sizes)
+            return moco_views(self.image_size, min_scale=self.crop_min_scale), ()
+        views = moco_views(self.image_size, self.multires_sizes, self.crop_min_scale)
         return views, views
 
     def _build(self, start_epoch: int):

@@ -99,3 +99,12 @@ def test_sample_rng_is_a_pure_function_of_its_key():
     assert np.array_equal(a, sample_rng(0, 3, 17, 0).random(4))
     assert not np.array_equal(a, sample_rng(0, 3, 17, 1).random(4))
     assert not np.array_equal(a, sample_rng(0, 4, 17, 0).random(4))
+
+
+def test_crop_min_scale_bounds_the_crop_area():
+    views = moco_views(64, (32,), min_scale=0.5)
+    assert [v.scale for v in views] == [(0.5, 1.0), (0.5, 1.0), (0.25, 0.5)]
+    assert moco_views(64)[0].scale == (0.2, 1.0)
+    rng = np.random.default_rng(0)
+    areas = [h * w / (200 * 160) for _, _, h, w in (rrc_window(rng, 200, 160, views[0].scale) for _ in range(400))]
+    assert min(areas) > 0.47 and np.mean(areas) > 0.65  # rounding of h, w allows slightly under 0.5; (0.2, 1) gives ~0.55
