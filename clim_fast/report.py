@@ -111,7 +111,8 @@ def write_report(out: str | Path, summary: dict) -> Path:
         f"validation images as {data['image_size']} px RGB JPEGs, sharded with `clim-fast shard`.",
         f"Budget (the same for both): {budget['arch']}, {budget['image_size']} px, {budget['epochs']} epochs, "
         f"global batch {budget['batch_size']}, queue {budget['queue_size']}, "
-        f"temperature {budget.get('temperature', 0.2)}, base lr {budget['base_lr']} per 256; "
+        f"temperature {budget.get('temperature', 0.2)}, base lr {budget['base_lr']} per 256, "
+        f"crops of {budget.get('crop_min_scale', 0.2):g}-1 of the image; "
         f"CLIM mines positives online (K-means {budget['clusters']} clusters, k={budget['knn_k']}) "
         f"from epoch {budget['clim_start_epoch']}, "
         f"every {budget['mine_every']} epoch(s), CutMix alpha {budget['alpha']}.",
