@@ -257,20 +257,32 @@ def refresh_table(model, cfg, shards_dir, run_dir, epoch: int, device: torch.dev
     n = ShardDataset(shards_dir).num_samples
     clusters, k, warnings = clamp_sizes(n, cfg.clusters, cfg.knn_k)
     was_training = _unwrap(model).training
+    path = table_path(run_dir, epoch)
+    failure = None
     try:
         table, stats = mine_from_model(model, cfg, shards_dir, device=device, clusters=clusters, k=k,
                                        engine=cfg.mine_engine, batch_size=cfg.batch_size, epoch=epoch,
                                        rank=rank, world_size=world)
+        if rank == 0:
+            table.meta["warnings"] = warnings
+            table.save(path)
+            for w in warnings:
+                print(f"mining warning: {w}", flush=True)
+            print(f"mined epoch {epoch}: {format_stats(stats)} -> {path}", flush=True)
+            _append_log(run_dir, dict(kind="mine", epoch=int(epoch), table=str(path), **stats))
+    except Exception as e:
+        if world == 1:
+            raise
+        failure = e
     finally:
         _unwrap(model).train(was_training)
-    path = table_path(run_dir, epoch)
-    if rank == 0:
-        table.meta["warnings"] = warnings
-        table.save(path)
-        for w in warnings:
-            print(f"mining warning: {w}", flush=True)
-        print(f"mined epoch {epoch}: {format_stats(stats)} -> {path}", flush=True)
-        _append_log(run_dir, dict(kind="mine", epoch=int(epoch), table=str(path), **stats))
+    # a rank that failed alone would leave the others waiting in the broadcasts below
+    errors = dd.all_gather_object(None if failure is None else f"{type(failure).__name__}: {failure}")
+    if failure is not None:
+        raise failure
+    failed = [(r, msg) for r, msg in enumerate(errors) if msg is not None]
+    if failed:
+        raise RuntimeError(f"mining failed on rank {failed[0][0]}: {failed[0][1]}")
     positives = dd.broadcast_numpy(table.positives if rank == 0 else None)
     counts = dd.broadcast_numpy(table.counts if rank == 0 else None)
     assignment = dd.broadcast_numpy(table.assignment if rank == 0 else None)

@@ -199,3 +199,41 @@ def test_mine_command_errors(shard_dir, checkpoint, tmp_path):
     assert "does not match" in _invoke_error(["--checkpoint", str(other), *base])
     assert "--engine" in _invoke_error(["--checkpoint", str(checkpoint), "--engine", "gpu", *base])
     assert not (tmp_path / "t.npz").exists()
+
+
+def _refresh_worker(rank, world, port, shard_dir, out, fail_on_rank0):
+    import torch.distributed as dist
+
+    import clim_fast.mining as mining
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        if fail_on_rank0 and rank == 0:
+            def broken(*args, **kwargs):
+                raise ValueError("injected failure")
+            mining.mine_table = broken  # only rank 0 mines
+        cfg = tiny_config()
+        try:
+            table, _ = refresh_table(tiny_model(cfg), cfg, shard_dir, out, 0, CPU)
+            np.save(f"{out}/rank{rank}.npy", table.positives)
+        except Exception as e:
+            (out / f"rank{rank}.err").write_text(str(e))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("fail_on_rank0", [False, True])
+def test_refresh_on_two_ranks_broadcasts_the_table_or_fails_on_both(shard_dir, tmp_path, fail_on_rank0):
+    from clim_fast.distributed import free_port
+
+    # spawn, not fork: a child forked from a process that already ran DALI pipelines can deadlock
+    torch.multiprocessing.start_processes(_refresh_worker, args=(2, free_port(), shard_dir, tmp_path, fail_on_rank0),
+                                          nprocs=2, start_method="spawn")
+    if fail_on_rank0:  # rank 1 must not be left waiting for a table that never comes
+        assert "injected failure" in (tmp_path / "rank0.err").read_text()
+        assert "rank 0" in (tmp_path / "rank1.err").read_text()
+        return
+    cfg = tiny_config()
+    single, _ = refresh_table(tiny_model(cfg), cfg, shard_dir, tmp_path / "single", 0, CPU)
+    for rank in range(2):
+        np.testing.assert_array_equal(np.load(tmp_path / f"rank{rank}.npy"), single.positives)
