@@ -10,13 +10,13 @@
 # the next step still runs; the whole check stops starting steps after BUDGET_S seconds):
 #   meta        versions, GPU, which optional packages import (faiss, webdataset, DALI)
 #   tests       python3 -m pytest -q -m gpu tests/   (GPU-marked tests)
-#   data        a few thousand 400-500 px JPEGs (clim_fast.testing.make_photo_folder) -> `cli shard`
+#   data        a few thousand 400-500 px JPEGs (photos.make_photo_folder) -> `cli shard`
 #   train       `cli train --preset clim_multires` on those shards, two online mining refreshes
 #               (torch engine), SIGTERM in the middle of epoch 2, then `--resume auto` to the end
 #   train_step  bench/train_step.py --full  (RN50, 224 px, batch 256, bf16; synthetic vs real data)
 #   mine        bench/mine.py --size full   (1.28M x 128, m=10000, k=40; torch engine vs naive torch)
 #   loader      bench/loader.py --full      (DALI graphs vs torchvision + PIL, same images)
-# Results: $OUT/gpu_check.json (every figure, the DESIGN section 7 targets next to them, rewritten
+# Results: $OUT/gpu_check.json (every figure, the performance targets (docs/benchmarks.md) next to them, rewritten
 # after every step), $OUT/gpu_check.log (all output), $OUT/train_log.jsonl (the run's log).
 #
 # Environment:

@@ -6,7 +6,7 @@
     python3 bench/gpu_check_data.py combine WORK OUT/gpu_check.json
 
 `combine` gathers every step's status (WORK/steps.jsonl), the benches' own JSON, the pytest
-junit XML and the training run's log.jsonl into one JSON, with the DESIGN section 7 targets and
+junit XML and the training run's log.jsonl into one JSON, with the performance targets (docs/benchmarks.md) and
 reference figures next to the measured ones. It is cheap and is re-run after every step, so a
 check cut off half-way still leaves a complete file for the steps it finished.
 """
@@ -28,9 +28,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-# DESIGN section 7 (reference figures: one H200, 16 cores, 2026-11-26; targets)
+# Performance targets (docs/benchmarks.md; reference figures: one H200, 16 cores, 2026-11-26; targets)
 REFERENCE = {
     "rn50_moco_v2_step_anchors_per_s": 3100,
     "clim_step_2q_2k_anchors_per_s": 1600,
@@ -85,7 +85,7 @@ def cmd_meta(args) -> int:
     except Exception:  # noqa: BLE001
         info["faiss_gpus"] = None
     # the project's own packages and every CLI command module (import errors show up here first)
-    info["project_imports"] = {m: _try_version(m) for m in ("clim_fast.train", "clim_fast.mining", "shards",
+    info["project_imports"] = {m: _try_version(m) for m in ("clim_fast.training.loop", "clim_fast.mining.engine", "shards",
                                                             "dali_pipelines.pretrain", "cli.app")}
     if shutil.which("nvidia-smi"):
         q = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
@@ -113,7 +113,7 @@ def _git_commit() -> str:
 # photos: make_photo_folder in parallel (one call per process, distinct seeds, then merged)
 
 def _photo_part(job):
-    from clim_fast.testing import make_photo_folder
+    from photos import make_photo_folder
 
     part_root, classes, per_class, seed, side = job
     make_photo_folder(part_root, classes=classes, per_class=per_class, seed=seed, side_range=tuple(side))
@@ -287,7 +287,7 @@ def train_summary(run: Path, phases: dict) -> dict:
 
 
 def targets(results: dict, full: bool) -> dict:
-    """Measured figures next to DESIGN section 7; `met` is None where the check could not say."""
+    """Measured figures next to the targets in docs/benchmarks.md; `met` is None where the check could not say."""
     out = {}
     ts = results.get("train_step", {})
     runs = {r.get("preset"): r for r in ts.get("runs", [])} if isinstance(ts, dict) else {}
@@ -323,7 +323,7 @@ def targets(results: dict, full: bool) -> dict:
         ref[f"naive_torch_knn_s_n{row['n']}"] = row["baseline_naive_torch"]["knn_s"]
     return {"targets": out, "measured_vs_reference": {"measured": ref, "reference_h200": REFERENCE},
             "comparable": full, "note": None if full else "SMALL=1 rehearsal on the CPU: figures are not comparable "
-                                                          "with DESIGN section 7"}
+                                                          "with the targets in docs/benchmarks.md"}
 
 
 def _row(value, limit, op, comparable):

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "tests")]
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -25,7 +25,7 @@ from clim_fast.machine import machine_info  # noqa: E402
 
 
 def random_table(ds, k: int, seed: int = 0):
-    from clim_fast.neighbours import NeighbourTable
+    from shards.neighbours import NeighbourTable
 
     n = ds.num_samples
     rng = np.random.default_rng(seed)
@@ -102,7 +102,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2 if not args.full else 8)
 
-    from clim_fast.testing import make_photo_folder
+    from photos import make_photo_folder
     from dali_pipelines import PretrainLoader
     from shards import ShardDataset, write_shards
 

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "tests")]
 
-from clim_fast.kmeans import kmeans_faiss, kmeans_torch  # noqa: E402
-from clim_fast.knn import knn_faiss, knn_naive_torch, knn_torch  # noqa: E402
-from clim_fast.mining import faiss_gpus, select_positives  # noqa: E402
+from clim_fast.mining.kmeans import kmeans_faiss, kmeans_torch  # noqa: E402
+from clim_fast.mining.knn import knn_faiss, knn_naive_torch, knn_torch  # noqa: E402
+from clim_fast.mining.engine import faiss_gpus, select_positives  # noqa: E402
 from clim_fast.machine import machine_info  # noqa: E402
 
 SIZES = {"small": [10_000, 20_000, 40_000], "full": [1_280_000]}

@@ -26,11 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "tests")]
 
-from clim_fast.testing import make_photo_folder  # noqa: E402
+from photos import make_photo_folder  # noqa: E402
 from shards import write_shards  # noqa: E402
-from shards.sources import find_sources  # noqa: E402
+from shards.scan import find_sources  # noqa: E402
 from clim_fast.machine import machine_info  # noqa: E402
 
 # (classes, images per class, JPEG long side range). Full size is about ImageNet's JPEG sizes.

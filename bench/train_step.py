@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "tests")]
 
 from clim_fast.config import make_config  # noqa: E402
-from clim_fast.synthetic import SyntheticPretrainLoader, label_table  # noqa: E402
-from clim_fast.train import Trainer, train_step  # noqa: E402
+from doubles import SyntheticPretrainLoader, label_table  # noqa: E402
+from clim_fast.training.loop import Trainer, train_step  # noqa: E402
 from clim_fast.machine import machine_info  # noqa: E402
 
 
@@ -58,7 +58,7 @@ def real_shards(args, tmp: Path) -> Path | None:
     if args.shards:
         return Path(args.shards)
     try:
-        from clim_fast.testing import make_photo_folder
+        from photos import make_photo_folder
         from shards import write_shards
         import dali_pipelines  # noqa: F401
     except ImportError as e:

@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from clim_fast.errors import UserError
+from shards.errors import UserError
 
 app = typer.Typer(
     name="clim-fast",

@@ -24,8 +24,8 @@ def demo_command(
                                    "network, the floor the trained numbers should beat."),
 ) -> None:
     """Run the whole system on a real dataset shipped in a PyPI package: MoCo v2 vs CLIM, same budget."""
-    from clim_fast.demo import run_demo
-    from clim_fast.errors import UserError
+    from clim_fast.demo.run import run_demo
+    from shards.errors import UserError
 
     if device not in ("auto", "cpu", "cuda"):
         raise UserError(f"--device {device}: choose auto, cpu or cuda")

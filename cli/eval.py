@@ -43,7 +43,7 @@ def default_out(checkpoint: Path) -> Path:
 
 
 def _finish(command: str, checkpoint: Path, out: Path, metrics: dict) -> None:
-    from clim_fast.io import atomic_write_text
+    from shards.atomic import atomic_write_text
 
     metrics = dict(metrics, command=command, checkpoint=str(checkpoint))
     line = json.dumps(metrics, sort_keys=True)
@@ -52,7 +52,7 @@ def _finish(command: str, checkpoint: Path, out: Path, metrics: dict) -> None:
 
 
 def _feature_kw(image_size, batch_size, device, workers, threads, encoder) -> dict:
-    from clim_fast.errors import UserError
+    from shards.errors import UserError
 
     if encoder not in ("query", "key"):
         raise UserError(f"--encoder {encoder}: choose query or key")
@@ -70,8 +70,8 @@ def knn_command(checkpoint: Path = CHECKPOINT, shards: Path = SHARDS, val_shards
                 image_size: Optional[int] = IMAGE_SIZE, batch_size: int = BATCH_SIZE, device: str = DEVICE,
                 workers: int = WORKERS, threads: int = THREADS, encoder: str = ENCODER) -> None:
     """Weighted kNN (InstDisc/MoCo style) top-1/top-5 on frozen L2-normalised backbone features."""
-    from clim_fast.errors import UserError
-    from clim_fast.evaluation import knn_eval
+    from shards.errors import UserError
+    from clim_fast.evaluation.measures import knn_eval
 
     if k <= 0 or temperature <= 0 or holdout_every < 2:
         raise UserError("--k and --temperature must be positive and --holdout-every at least 2")
@@ -94,8 +94,8 @@ def linear_command(checkpoint: Path = CHECKPOINT, shards: Path = SHARDS, val_sha
                    image_size: Optional[int] = IMAGE_SIZE, batch_size: int = BATCH_SIZE, device: str = DEVICE,
                    workers: int = WORKERS, threads: int = THREADS) -> None:
     """MoCo linear protocol: frozen backbone (BN in eval mode), linear classifier, SGD lr 30."""
-    from clim_fast.errors import UserError
-    from clim_fast.linear_eval import linear_eval_checkpoint
+    from shards.errors import UserError
+    from clim_fast.evaluation.linear import linear_eval_checkpoint
 
     if val_shards is None:
         raise UserError("--val-shards: linear evaluation needs a separate validation shard folder "
@@ -120,7 +120,7 @@ def similarity_command(checkpoint: Path = CHECKPOINT, shards: Path = SHARDS,
                        encoder: str = ENCODER) -> None:
     """Mean cosine similarity within classes and between classes (CLIM Table 6), on --val-shards
     when given, else on --shards."""
-    from clim_fast.evaluation import similarity_eval
+    from clim_fast.evaluation.measures import similarity_eval
 
     out = out or default_out(checkpoint)
     target = val_shards or shards
@@ -140,8 +140,8 @@ def tsne_command(checkpoint: Path = CHECKPOINT, shards: Path = SHARDS, val_shard
                  workers: int = WORKERS, threads: int = THREADS, encoder: str = ENCODER) -> None:
     """A PNG of a t-SNE embedding of random classes, coloured by class (CLIM Figure 1), on
     --val-shards when given, else on --shards."""
-    from clim_fast.errors import UserError
-    from clim_fast.evaluation import tsne_eval
+    from shards.errors import UserError
+    from clim_fast.evaluation.measures import tsne_eval
 
     if classes < 1 or per_class < 1:
         raise UserError("--classes and --per-class must be positive")

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from clim_fast.errors import UserError
+from shards.errors import UserError
 from clim_fast.machine import resolve_device
 
 
@@ -29,8 +29,8 @@ def mine_command(
 ) -> None:
     """Mine center-wise positives with a checkpoint's momentum encoder and write a table for
     `clim-fast train --set init_table=TABLE`."""
-    from clim_fast.checkpoint import model_from_checkpoint
-    from clim_fast.mining import ENGINES, check_sizes, format_stats, mine_from_model
+    from clim_fast.training.checkpoint import model_from_checkpoint
+    from clim_fast.mining.engine import ENGINES, check_sizes, format_stats, mine_from_model
     from shards import ShardDataset
 
     if engine not in ENGINES:

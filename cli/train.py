@@ -36,7 +36,7 @@ def register(app: typer.Typer) -> None:
         """Pretrain MoCo v2 / CLIM on shards."""
         import torch
 
-        from clim_fast.train import run_training
+        from clim_fast.training.loop import run_training
 
         if gpus is None:
             gpus = torch.cuda.device_count()
@@ -62,6 +62,6 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(..., "--out", help="output file: a torchvision ResNet state_dict"),
     ):
         """Write the query backbone as a torchvision ResNet state_dict."""
-        from clim_fast.export import export_backbone
+        from clim_fast.training.export import export_backbone
 
         print(json.dumps(export_backbone(checkpoint, out)))

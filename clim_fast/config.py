@@ -1,6 +1,6 @@
 """One typed config for pretraining, with presets and `key=value` overrides.
 
-Defaults are the seed's settings (DESIGN section 4): ResNet-50, queue 65536, momentum 0.999,
+Defaults are the seed's settings (README, "The method"): ResNet-50, queue 65536, momentum 0.999,
 temperature 0.2, SGD 0.9 / 1e-4, global batch 512, lr = base_lr * batch / 256 = 0.06, cosine.
 """
 
@@ -12,7 +12,7 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-from clim_fast.errors import UserError
+from shards.errors import UserError
 
 MIX_METHODS = ("none", "cutmix", "mixup")
 MINE_FEATURES = ("head", "backbone")
@@ -104,7 +104,7 @@ class Config:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
-        from clim_fast.io import atomic_write_text
+        from shards.atomic import atomic_write_text
 
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 

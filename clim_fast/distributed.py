@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from clim_fast.errors import UserError
+from shards.errors import UserError
 
 
 @dataclass

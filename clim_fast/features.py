@@ -1,4 +1,4 @@
-"""Features of every sample, in id order, gathered across ranks (DESIGN section 4, step 1)."""
+"""Features of every sample, in id order, gathered across ranks (step 1 of the center-wise selection, docs/architecture.md)."""
 
 from __future__ import annotations
 

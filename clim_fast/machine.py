@@ -28,7 +28,7 @@ def resolve_device(name: str):
     """`--device auto|cpu|cuda` as a torch.device; UserError for anything else or a missing GPU."""
     import torch
 
-    from clim_fast.errors import UserError
+    from shards.errors import UserError
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

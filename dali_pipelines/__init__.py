@@ -1,6 +1,6 @@
 """DALI graphs feeding clim-fast: pretraining (anchor + positive views), features, linear eval.
 
-Exports are resolved lazily: DALI's spawned worker processes import `dali_pipelines.sources`,
+Exports are resolved lazily: DALI's spawned worker processes import `dali_pipelines.external`,
 and must not pay for importing torch and the graph modules.
 """
 
@@ -8,7 +8,7 @@ _EXPORTS = {
     "epoch_share": "dali_pipelines.epochs",
     "eval_share": "dali_pipelines.epochs",
     "PretrainLoader": "dali_pipelines.pretrain",
-    "FeatureLoader": "dali_pipelines.features",
+    "FeatureLoader": "dali_pipelines.center",
     "LinearLoader": "dali_pipelines.linear",
 }
 

@@ -1,4 +1,4 @@
-"""Per-view augmentation parameters, drawn in numpy (MoCo v2 `aug_plus`, DESIGN section 4).
+"""Per-view augmentation parameters, drawn in numpy (MoCo v2 `aug_plus`).
 
 All randomness of the graphs lives here so a batch is a pure function of (seed, epoch, sample id):
 the DALI graph only applies the numbers it is given. One view is a float32 row of PARAMS_PER_VIEW

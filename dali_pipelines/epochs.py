@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from clim_fast.errors import UserError
+from shards.errors import UserError
 
 PAD_ID = -1  # an id slot that only exists to fill the last batch; removed before the batch is handed out
 

@@ -7,10 +7,10 @@ import torch
 
 from dali_pipelines.augment import LINEAR_SCALE, ViewSpec
 from dali_pipelines.epochs import check_batch, steps_per_epoch
-from dali_pipelines.features import CenterCropLoader
+from dali_pipelines.center import CenterCropLoader
 from dali_pipelines.loader import DaliLoader, split_meta
 from dali_pipelines.pretrain import augment_graph
-from dali_pipelines.sources import AugmentSource
+from dali_pipelines.external import AugmentSource
 
 
 class _LinearTrainLoader(DaliLoader):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from clim_fast.errors import UserError
+from shards.errors import UserError
 
 _DALI_DTYPES = {torch.float32: "FLOAT", torch.float16: "FLOAT16", torch.bfloat16: "FLOAT"}
 

@@ -19,7 +19,7 @@ from dali_pipelines.augment import MOCO_SCALE, ViewSpec, moco_views
 from dali_pipelines.epochs import check_batch, steps_per_epoch
 from dali_pipelines.loader import DaliLoader, split_meta
 from dali_pipelines.ops import augmented_view, decode
-from dali_pipelines.sources import AugmentSource
+from dali_pipelines.external import AugmentSource
 
 _SOURCE_DTYPES = [types.UINT8, types.FLOAT, types.INT32, types.INT64]
 

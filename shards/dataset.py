@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clim_fast.errors import UserError
+from shards.errors import UserError
 from shards.format import SAMPLE_DTYPE, SAMPLES
 from shards.manifest import load_manifest
 

@@ -1,4 +1,4 @@
-"""The on-disk shard format (DESIGN section 3): file names, keys, the per-sample index dtype."""
+"""The on-disk shard format (docs/architecture.md, "Files"): file names, keys, the per-sample index dtype."""
 
 from __future__ import annotations
 

@@ -6,8 +6,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from clim_fast.errors import UserError
-from clim_fast.io import atomic_write_text
+from shards.errors import UserError
+from shards.atomic import atomic_write_text
 from shards.format import FORMAT_NAME, FORMAT_VERSION, MANIFEST
 
 

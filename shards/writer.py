@@ -23,15 +23,15 @@ from pathlib import Path
 
 import numpy as np
 
-from clim_fast.errors import UserError
-from clim_fast.io import atomic_write_bytes, atomic_write_text
+from shards.errors import UserError
+from shards.atomic import atomic_write_bytes, atomic_write_text
 from shards.dali_index import index_line, index_text
 from shards.encode import SKIP, Checked, check_chunk, check_file
 from shards.format import (DEFAULT_MAXCOUNT, FORMAT_NAME, FORMAT_VERSION, MANIFEST, PARTIAL,
                            SAMPLE_DTYPE, SAMPLES, SOURCES, index_name, key_width, sample_key,
                            shard_name)
 from shards.manifest import dataset_id, load_manifest, write_manifest
-from shards.sources import SourceList, find_sources
+from shards.scan import SourceList, find_sources
 from shards.tar_writer import TarWriter
 
 RUN_RECORD = "run.json"

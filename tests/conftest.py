@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clim_fast.testing import make_photo_folder
+from photos import make_photo_folder
 
 torch.set_num_threads(2)
 

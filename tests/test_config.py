@@ -3,7 +3,7 @@ import json
 import pytest
 
 from clim_fast.config import PRESETS, Config, make_config, parse_overrides
-from clim_fast.errors import UserError
+from shards.errors import UserError
 
 
 def test_defaults_are_the_seed_settings():

@@ -10,7 +10,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cli.app import app
-from clim_fast.demo_data import split_per_class, write_demo_folders
+from clim_fast.demo.digits import split_per_class, write_demo_folders
 
 
 def test_demo_folders_are_rgb_jpeg_class_folders(tmp_path):

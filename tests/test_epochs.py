@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from clim_fast.errors import UserError
+from shards.errors import UserError
 from dali_pipelines.epochs import PAD_ID, epoch_permutation, epoch_share, eval_share
 
 

@@ -10,16 +10,16 @@ import torch
 from typer.testing import CliRunner
 
 from cli.app import app
-from clim_fast.errors import UserError
+from shards.errors import UserError
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from clim_fast.checkpoint import save_checkpoint
+    from clim_fast.training.checkpoint import save_checkpoint
     from clim_fast.config import make_config
-    from clim_fast.moco import MoCo
+    from clim_fast.method.moco import MoCo
 
     cfg = make_config("moco_v2", dict(arch="resnet18", image_size=32, queue_size=64, batch_size=16))
     torch.manual_seed(0)
@@ -69,7 +69,7 @@ def test_knn_on_itself_with_k1_is_exact(checkpoint, shard_dir, tmp_path):
 def test_similarity_and_tsne(checkpoint, shard_dir, tmp_path):
     from shards import ShardDataset
 
-    from clim_fast.evaluation import checkpoint_features, class_similarity
+    from clim_fast.evaluation.measures import checkpoint_features, class_similarity
 
     sim, _ = _run(["eval", "similarity", "--checkpoint", str(checkpoint), "--shards", str(shard_dir),
                    "--out", str(tmp_path), *COMMON])

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from clim_fast.linear_eval import default_milestones, linear_eval, module_checksum
+from clim_fast.evaluation.linear import default_milestones, linear_eval, module_checksum
 
 
 class ListLoader:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.neighbors import KNeighborsClassifier
 
-from clim_fast.evaluation import class_similarity, holdout_split, knn_classify, knn_scores, tsne_plot
+from clim_fast.evaluation.measures import class_similarity, holdout_split, knn_classify, knn_scores, tsne_plot
 
 
 def _blobs(n_per_class, classes, dim, spread, seed):

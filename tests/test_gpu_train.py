@@ -11,9 +11,9 @@ pytestmark = pytest.mark.gpu
 
 
 def test_single_gpu_clim_multires_run_with_autocast_and_resume(shard_dir, tmp_path):
-    from clim_fast.checkpoint import model_from_checkpoint
+    from clim_fast.training.checkpoint import model_from_checkpoint
     from clim_fast.config import make_config
-    from clim_fast.train import run_training
+    from clim_fast.training.loop import run_training
 
     cfg = make_config("clim_multires", dict(arch="resnet18", image_size=32, batch_size=16, epochs=2,
                                             queue_size=32, clusters=4, knn_k=4, mine_every=1, log_every=1,
@@ -34,7 +34,7 @@ def test_single_gpu_clim_multires_run_with_autocast_and_resume(shard_dir, tmp_pa
 
 def test_autocast_step_is_bf16_and_close_to_fp32():
     from clim_fast.config import make_config
-    from clim_fast.moco import MoCo
+    from clim_fast.method.moco import MoCo
 
     cfg = make_config("moco_v2", dict(arch="resnet18", image_size=32, queue_size=64, batch_size=16))
     model = MoCo(cfg).cuda().to(memory_format=torch.channels_last)

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from clim_fast.errors import UserError
-from clim_fast.kmeans import kmeans_faiss, kmeans_torch
-from clim_fast.knn import drop_self, knn_faiss, knn_naive_torch, knn_torch
-from clim_fast.mining import clamp_sizes, mine_table, select_positives, table_stats
-from clim_fast.neighbours import NeighbourTable
+from shards.errors import UserError
+from clim_fast.mining.kmeans import kmeans_faiss, kmeans_torch
+from clim_fast.mining.knn import drop_self, knn_faiss, knn_naive_torch, knn_torch
+from clim_fast.mining.engine import clamp_sizes, mine_table, select_positives, table_stats
+from shards.neighbours import NeighbourTable
 
 
 def unit(x):
@@ -38,7 +38,7 @@ def brute_force_knn(x, k):
 
 
 def reference_selection(neighbours, assignment, centre_sim):
-    """DESIGN section 4 steps 4-5, one anchor at a time."""
+    """Center-wise selection, one anchor at a time."""
     n, k = neighbours.shape
     table = np.full((n, k), -1, dtype=np.int32)
     counts = np.zeros(n, dtype=np.int32)
@@ -80,7 +80,7 @@ def test_select_positives_random_inputs_match_reference():
     np.testing.assert_array_equal(counts, ref_counts)
     assert fallback.sum() > 0 and (~fallback).sum() > 0  # both branches exercised
     # the torch version (used on CUDA) gives the same result
-    from clim_fast.mining import _select_torch
+    from clim_fast.mining.engine import _select_torch
 
     for mine, ref in zip(_select_torch(torch.from_numpy(neighbours), assignment, centre_sim),
                          (positives, counts, fallback)):

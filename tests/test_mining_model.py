@@ -9,13 +9,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from clim_fast.checkpoint import save_checkpoint
+from clim_fast.training.checkpoint import save_checkpoint
 from clim_fast.config import make_config
-from clim_fast.errors import UserError
+from shards.errors import UserError
 from clim_fast.features import extract_features
-from clim_fast.mining import encode_fn, mine_table, refresh_table
-from clim_fast.moco import MoCo
-from clim_fast.neighbours import NeighbourTable
+from clim_fast.mining.engine import encode_fn, mine_table, refresh_table
+from clim_fast.method.moco import MoCo
+from shards.neighbours import NeighbourTable
 
 CPU = torch.device("cpu")
 
@@ -204,7 +204,7 @@ def test_mine_command_errors(shard_dir, checkpoint, tmp_path):
 def _refresh_worker(rank, world, port, shard_dir, out, fail_on_rank0):
     import torch.distributed as dist
 
-    import clim_fast.mining as mining
+    import clim_fast.mining.engine as mining
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:

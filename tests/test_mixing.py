@@ -3,7 +3,7 @@ import pytest
 import torch
 from scipy import stats
 
-from clim_fast.mixing import box_masks, cutmix, cutmix_boxes, mix_images, mixup, sample_beta
+from clim_fast.method.mixing import box_masks, cutmix, cutmix_boxes, mix_images, mixup, sample_beta
 
 
 def _pair(n=64, h=20, w=24, device="cpu"):

@@ -5,12 +5,12 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from clim_fast.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
+from clim_fast.training.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
 from clim_fast.config import make_config
-from clim_fast.errors import UserError
-from clim_fast.export import export_backbone
-from clim_fast.losses import clim_loss, info_nce
-from clim_fast.moco import MoCo
+from shards.errors import UserError
+from clim_fast.training.export import export_backbone
+from clim_fast.method.losses import clim_loss, info_nce
+from clim_fast.method.moco import MoCo
 
 
 def tiny_cfg(**over):

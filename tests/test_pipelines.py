@@ -11,12 +11,12 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from clim_fast.errors import UserError
-from clim_fast.neighbours import NeighbourTable
+from shards.errors import UserError
+from shards.neighbours import NeighbourTable
 from dali_pipelines import FeatureLoader, LinearLoader, PretrainLoader, epoch_share
 from dali_pipelines.augment import BLUR_SIGMA, BRIGHTNESS, CONTRAST, HUE_DEG, SATURATION, moco_views
 from dali_pipelines.ops import IMAGENET_MEAN, IMAGENET_STD
-from dali_pipelines.sources import AugmentSource
+from dali_pipelines.external import AugmentSource
 from shards import ShardDataset
 
 SIZE = 32

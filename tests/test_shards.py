@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clim_fast.errors import UserError
-from clim_fast.testing import make_photo_folder
+from shards.errors import UserError
+from photos import make_photo_folder
 from shards import SAMPLE_DTYPE, ShardDataset, open_shards, verify_shards, write_shards
 
 REPO = Path(__file__).resolve().parents[1]

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from clim_fast.checkpoint import load_checkpoint, model_from_checkpoint
+from clim_fast.training.checkpoint import load_checkpoint, model_from_checkpoint
 from clim_fast.config import make_config
-from clim_fast.metrics import read_log
-from clim_fast.synthetic import SyntheticSource, epoch_ids
-from clim_fast.train import is_refresh_epoch, lr_at, run_training
+from clim_fast.training.metrics import read_log
+from doubles import SyntheticSource, epoch_ids
+from clim_fast.training.loop import is_refresh_epoch, lr_at, run_training
 
 
 def tiny(preset="clim", **over):
@@ -86,7 +86,7 @@ def test_sigterm_saves_and_resume_matches_an_uninterrupted_run(tmp_path):
 
 def _rank_main(rank, port, out, cfg, source):
     from clim_fast import distributed as dist
-    from clim_fast.train import Trainer
+    from clim_fast.training.loop import Trainer
 
     torch.set_num_threads(1)
     dist.init_distributed(rank, 2, backend="gloo", master_port=port)
@@ -150,7 +150,7 @@ def test_schedule_and_refresh_epochs():
 
 
 def test_bad_setups_are_user_errors(tmp_path):
-    from clim_fast.errors import UserError
+    from shards.errors import UserError
 
     with pytest.raises(UserError, match="queue_size"):
         run_training(tiny(queue_size=12), SyntheticSource(32), tmp_path / "a", progress=False)

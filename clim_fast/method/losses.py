@@ -1,4 +1,4 @@
-"""InfoNCE against the MoCo queue and the CLIM loss (DESIGN section 4).
+"""InfoNCE against the MoCo queue and the CLIM loss (README, "The method").
 
     L = InfoNCE(q, k) + mix_weight * mean_j [ lam_j * InfoNCE(q_mix_j, k) + (1 - lam_j) * InfoNCE(q_mix_j, k_pos) ]
 

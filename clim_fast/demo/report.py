@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from clim_fast.io import atomic_open, atomic_write_text
+from shards.atomic import atomic_open, atomic_write_text
 
 COLOURS = {"moco_v2": "#4c72b0", "clim": "#dd8452"}
 
@@ -99,7 +99,7 @@ def _fmt(v, digits=2) -> str:
 
 
 def write_report(out: str | Path, summary: dict) -> Path:
-    """report.md in `out` from the demo summary (see clim_fast.demo.run_demo)."""
+    """report.md in `out` from the demo summary (see clim_fast.demo.run.run_demo)."""
     out = Path(out)
     runs = summary["runs"]
     data = summary["data"]

@@ -18,7 +18,7 @@ from nvidia.dali import pipeline_def
 from dali_pipelines.epochs import PAD_ID, eval_share
 from dali_pipelines.loader import DaliLoader, split_meta
 from dali_pipelines.ops import center_view, decode
-from dali_pipelines.sources import IdListSource
+from dali_pipelines.external import IdListSource
 
 
 @pipeline_def

@@ -1,4 +1,4 @@
-"""Center-wise positives (DESIGN section 4, steps 2-5): spherical K-means, exact kNN, selection.
+"""Center-wise positives (docs/architecture.md, "Mining"): spherical K-means, exact kNN, selection.
 
 `mine_table` turns features into a NeighbourTable plus stats; `refresh_table` is the online
 round the train loop calls on every rank; `clim-fast mine` (cli/mine.py) runs the same code on a
@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clim_fast.errors import UserError
-from clim_fast.neighbours import NeighbourTable
+from shards.errors import UserError
+from shards.neighbours import NeighbourTable
 
 ENGINES = ("auto", "faiss", "torch")
 
@@ -65,7 +65,7 @@ def clamp_sizes(num_samples: int, clusters: int, k: int) -> tuple[int, int, list
 
 
 def select_positives(neighbours, assignment, centre_sim):
-    """DESIGN section 4 steps 4-5, vectorised: torch on CUDA inputs, numpy otherwise (faster on CPU).
+    """Steps 4-5 of the center-wise selection (README, "The method"), vectorised: torch on CUDA inputs, numpy otherwise (faster on CPU).
 
     neighbours int [N, k] (kNN order, self excluded), assignment int [N], centre_sim float [N]
     (cos of each sample with its own cluster's centroid). Positives of i: neighbours j with
@@ -136,8 +136,8 @@ def table_stats(table: NeighbourTable, fallback: np.ndarray, clusters: int,
 def mine_table(features, *, clusters: int, k: int, engine: str = "auto", seed: int = 0, labels=None,
                meta: dict | None = None, niter: int = 20, device: torch.device | None = None):
     """Features [N, d] (torch or numpy; L2-normalised here) -> (NeighbourTable, stats dict)."""
-    from clim_fast.kmeans import kmeans_faiss, kmeans_torch
-    from clim_fast.knn import knn_faiss, knn_torch
+    from clim_fast.mining.kmeans import kmeans_faiss, kmeans_torch
+    from clim_fast.mining.knn import knn_faiss, knn_torch
 
     feats = torch.as_tensor(features).float()
     if feats.ndim != 2 or feats.shape[0] == 0:

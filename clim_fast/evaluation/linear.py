@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from clim_fast.errors import UserError
+from shards.errors import UserError
 
 
 def module_checksum(module: nn.Module) -> str:
@@ -114,8 +114,8 @@ def linear_eval_checkpoint(checkpoint, shards_dir, val_shards_dir, *, image_size
                            device=None, workers: int = 2, threads: int = 2, seed: int = 0, log=print) -> dict:
     """The linear protocol on the query encoder's backbone of a training checkpoint, fed by the DALI
     LinearLoader graphs (train: RandomResizedCrop + flip, val: resize + center crop)."""
-    from clim_fast.checkpoint import model_from_checkpoint
-    from clim_fast.evaluation import eval_backbone
+    from clim_fast.training.checkpoint import model_from_checkpoint
+    from clim_fast.evaluation.measures import eval_backbone
     from dali_pipelines import LinearLoader
     from shards import ShardDataset
 

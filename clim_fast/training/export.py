@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from clim_fast.backbone import uses_cifar_stem
-from clim_fast.checkpoint import model_from_checkpoint
-from clim_fast.io import atomic_write_bytes
+from clim_fast.method.backbone import uses_cifar_stem
+from clim_fast.training.checkpoint import model_from_checkpoint
+from shards.atomic import atomic_write_bytes
 
 
 def export_backbone(checkpoint: str | Path, out: str | Path) -> dict:

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clim_fast.errors import UserError
-from clim_fast.io import atomic_write_bytes
+from shards.errors import UserError
+from shards.atomic import atomic_write_bytes
 
 CHECKPOINT_FORMAT = 1
 REQUIRED_KEYS = ("model", "config", "epoch")
@@ -54,7 +54,7 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
 def model_from_checkpoint(path: str | Path, map_location="cpu"):
     """(MoCo in eval mode, Config, checkpoint dict)."""
     from clim_fast.config import Config
-    from clim_fast.moco import MoCo
+    from clim_fast.method.moco import MoCo
 
     ckpt = load_checkpoint(path, map_location)
     cfg = Config.from_dict(ckpt["config"])

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clim_fast.errors import UserError
-from clim_fast.io import atomic_write_text
+from shards.errors import UserError
+from shards.atomic import atomic_write_text
 from clim_fast.machine import cpu_name
 
 PRESETS = ("moco_v2", "clim")
@@ -96,7 +96,7 @@ def machine_line(device: torch.device) -> str:
 
 def positive_purity(table_path: str | Path, labels: np.ndarray) -> dict:
     """How often a mined positive shares its anchor's label (never seen by training)."""
-    from clim_fast.neighbours import NeighbourTable
+    from shards.neighbours import NeighbourTable
 
     table = NeighbourTable.load(table_path)
     valid = table.positives >= 0
@@ -116,10 +116,10 @@ def run_demo(out: str | Path = "demo-out", *, budget: str = "auto", data: str | 
              per_class: int | None = None, knn_k: int = 200, knn_t: float = 0.07, fresh: bool = False,
              reference: bool = True, log=print) -> Path:
     """Run the demo into `out`; returns the path of report.md."""
-    from clim_fast.demo_data import write_demo_folders
-    from clim_fast.evaluation import checkpoint_features, class_similarity, knn_classify, tsne_plot
-    from clim_fast.report import plot_bars, plot_loss_curves, read_log, write_report
-    from clim_fast.train import run_training
+    from clim_fast.demo.digits import write_demo_folders
+    from clim_fast.evaluation.measures import checkpoint_features, class_similarity, knn_classify, tsne_plot
+    from clim_fast.demo.report import plot_bars, plot_loss_curves, read_log, write_report
+    from clim_fast.training.loop import run_training
     from shards import ShardDataset, write_shards
 
     started = time.time()
@@ -206,8 +206,8 @@ def run_demo(out: str | Path = "demo-out", *, budget: str = "auto", data: str | 
 
 def _random_init_reference(cfg, shard_dirs, feature_kw, num_classes, knn_k, knn_t, seed) -> dict:
     """The same measurements on an untrained network, so the trained numbers have a floor."""
-    from clim_fast.evaluation import class_similarity, extract_backbone_features, knn_classify
-    from clim_fast.moco import MoCo
+    from clim_fast.evaluation.measures import class_similarity, extract_backbone_features, knn_classify
+    from clim_fast.method.moco import MoCo
 
     torch.manual_seed(seed)
     model = MoCo(cfg)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from clim_fast.knn import exact_fp32_matmul, search_dtype
+from clim_fast.mining.knn import exact_fp32_matmul, search_dtype
 
 
 def initial_centroids(x: np.ndarray | torch.Tensor, clusters: int, seed: int) -> np.ndarray:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clim_fast.neighbours import NeighbourTable
+from shards.neighbours import NeighbourTable
 
 
 def epoch_ids(num_samples: int, global_batch: int, rank: int, world_size: int, seed: int, epoch: int) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""The neighbour table (DESIGN section 3): each anchor's center-wise positives, best first.
+"""The neighbour table (docs/architecture.md, "Files"): each anchor's center-wise positives, best first.
 
 Stored as one `.npz` (loaded with allow_pickle=False): `positives` int32[N, k] padded with -1,
 `counts` int32[N] (valid entries per row, >= 1), `assignment` int32[N] (K-means cluster), and
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from clim_fast.errors import UserError
-from clim_fast.io import atomic_write_bytes
+from shards.errors import UserError
+from shards.atomic import atomic_write_bytes
 
 TABLE_FORMAT = 1
 
@@ -68,7 +68,7 @@ class NeighbourTable:
             raise UserError(f"{where}: malformed neighbour table (ids outside 0..N-1)")
 
     def check_matches(self, dataset_id: str, num_samples: int, where: str | Path = "neighbour table") -> None:
-        """Refuse a table made for other shards (DESIGN section 3)."""
+        """Refuse a table made for other shards (docs/architecture.md, "Files")."""
         if self.num_samples != num_samples or (self.dataset_id and self.dataset_id != dataset_id):
             raise UserError(
                 f"{where}: neighbour table is for dataset {self.dataset_id} with {self.num_samples} samples, "

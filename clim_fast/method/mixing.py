@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from clim_fast.errors import UserError
+from shards.errors import UserError
 
 
 def sample_beta(n: int, alpha: float, generator: torch.Generator) -> torch.Tensor:

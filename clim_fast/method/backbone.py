@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn as nn
 import torchvision
 
-from clim_fast.errors import UserError
+from shards.errors import UserError
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
          "wide_resnet50_2", "wide_resnet101_2", "resnext50_32x4d", "resnext101_32x8d")

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from clim_fast.errors import UserError
+from shards.errors import UserError
 
 SOURCES = ("mnist", "digits")
 

@@ -23,22 +23,22 @@ import torch
 import torch.nn.functional as F
 
 from clim_fast import distributed as dist
-from clim_fast.checkpoint import (capture_rng, epoch_checkpoint_name, find_resume_checkpoint, load_checkpoint,
+from clim_fast.training.checkpoint import (capture_rng, epoch_checkpoint_name, find_resume_checkpoint, load_checkpoint,
                                   load_model_state, prune_epoch_checkpoints, restore_rng, save_checkpoint)
 from clim_fast.config import Config
-from clim_fast.errors import UserError
-from clim_fast.losses import clim_loss
-from clim_fast.metrics import RunLog, ThroughputMeter, gpu_memory_gb
-from clim_fast.mixing import mix_images
-from clim_fast.moco import MoCo
-from clim_fast.neighbours import NeighbourTable
+from shards.errors import UserError
+from clim_fast.method.losses import clim_loss
+from clim_fast.training.metrics import RunLog, ThroughputMeter, gpu_memory_gb
+from clim_fast.method.mixing import mix_images
+from clim_fast.method.moco import MoCo
+from shards.neighbours import NeighbourTable
 
 # Config fields a resumed run must share with its checkpoint (the rest, e.g. epochs, may change).
 RESUME_FIXED_FIELDS = ("arch", "image_size", "feat_dim", "queue_size", "batch_size", "mix", "multires", "seed")
 
 
 class ShardSource:
-    """The real data: a shard folder read by dali_pipelines, tables mined by clim_fast.mining."""
+    """The real data: a shard folder read by dali_pipelines, tables mined by clim_fast.mining.engine."""
 
     def __init__(self, shards_dir: str | Path):
         from shards import open_shards
@@ -56,7 +56,7 @@ class ShardSource:
                               crop_min_scale=cfg.crop_min_scale)
 
     def refresh(self, model, cfg: Config, run_dir, epoch: int, device):
-        from clim_fast.mining import refresh_table
+        from clim_fast.mining.engine import refresh_table
 
         return refresh_table(model, cfg, self.root, run_dir, epoch, device)
 
@@ -142,7 +142,7 @@ def run_training(cfg: Config, shards, out: str | Path, *, gpus: int = 0, cpu_pro
     """Train; returns the final checkpoint path (RUN/checkpoints/last.pt).
 
     `shards` is a shard folder or any object with `num_samples`, `dataset_id`, `loader(...)` and
-    `refresh(...)` (see clim_fast.synthetic.SyntheticSource)."""
+    `refresh(...)` (see doubles.SyntheticSource)."""
     source = shards if hasattr(shards, "loader") else ShardSource(shards)
     out = Path(out)
     launched = dist.detect_launcher()

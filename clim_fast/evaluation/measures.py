@@ -14,8 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clim_fast.errors import UserError
-from clim_fast.io import atomic_open
+from shards.errors import UserError
+from shards.atomic import atomic_open
 
 FEATURE_CACHE_FORMAT = 1
 
@@ -215,7 +215,7 @@ def checkpoint_features(checkpoint: str | Path, shards_dir: str | Path, cache_di
     dataset = ShardDataset(shards_dir)
     sha = file_sha256(checkpoint)
     if model is None or image_size is None:
-        from clim_fast.checkpoint import model_from_checkpoint
+        from clim_fast.training.checkpoint import model_from_checkpoint
 
         model, cfg, _ = model_from_checkpoint(checkpoint, map_location="cpu")
         image_size = image_size or cfg.image_size

@@ -20,8 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from clim_fast import distributed as dist
-from clim_fast.backbone import build_backbone
-from clim_fast.losses import moco_logits
+from clim_fast.method.backbone import build_backbone
+from clim_fast.method.losses import moco_logits
 
 
 class Encoder(nn.Module):

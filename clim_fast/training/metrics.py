@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from clim_fast.errors import UserError
+from shards.errors import UserError
 
 
 class RunLog:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clim_fast.errors import UserError
+from shards.errors import UserError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff",
                               ".ppm", ".pgm", ".pbm"})

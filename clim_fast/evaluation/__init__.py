@@ -1,0 +1,1 @@
+"""What was learned: kNN accuracy, linear evaluation, class similarity, t-SNE."""

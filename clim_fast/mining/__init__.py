@@ -1,0 +1,1 @@
+"""Center-wise positives: features, K-means, kNN, selection, the online round."""

@@ -1,0 +1,1 @@
+"""Pretraining: the launch, the loop, checkpoints, the run log, export."""
