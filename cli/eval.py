@@ -32,6 +32,21 @@ ENCODER = typer.Option("query", "--encoder", help="Backbone to measure: query (w
                        "and export use) or key (the momentum encoder).")
 
 
+def _fs_errors(command):
+    """File-system mistakes (an unwritable or misplaced --out, a folder given as a file, ...) end as
+    one-line errors naming the path, like every other user error."""
+    import functools
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from shards.errors import os_errors_as_user_errors
+
+        with os_errors_as_user_errors():
+            return command(*args, **kwargs)
+
+    return wrapper
+
+
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -61,6 +76,7 @@ def _feature_kw(image_size, batch_size, device, workers, threads, encoder) -> di
 
 
 @eval_app.command("knn")
+@_fs_errors
 def knn_command(checkpoint: Path = CHECKPOINT, shards: Path = SHARDS, val_shards: Optional[Path] = VAL_SHARDS,
                 out: Optional[Path] = OUT,
                 k: int = typer.Option(200, "--k", help="Neighbours that vote."),
@@ -82,6 +98,7 @@ def knn_command(checkpoint: Path = CHECKPOINT, shards: Path = SHARDS, val_shards
 
 
 @eval_app.command("linear")
+@_fs_errors
 def linear_command(checkpoint: Path = CHECKPOINT, shards: Path = SHARDS, val_shards: Optional[Path] = VAL_SHARDS,
                    out: Optional[Path] = OUT,
                    epochs: int = typer.Option(100, "--epochs", help="Training epochs of the linear classifier."),
@@ -113,6 +130,7 @@ def linear_command(checkpoint: Path = CHECKPOINT, shards: Path = SHARDS, val_sha
 
 
 @eval_app.command("similarity")
+@_fs_errors
 def similarity_command(checkpoint: Path = CHECKPOINT, shards: Path = SHARDS,
                        val_shards: Optional[Path] = VAL_SHARDS, out: Optional[Path] = OUT,
                        image_size: Optional[int] = IMAGE_SIZE, batch_size: int = BATCH_SIZE,
@@ -124,12 +142,13 @@ def similarity_command(checkpoint: Path = CHECKPOINT, shards: Path = SHARDS,
 
     out = out or default_out(checkpoint)
     target = val_shards or shards
-    metrics = similarity_eval(checkpoint, target, out, log=_log,
+    metrics = similarity_eval(checkpoint, target, out, log=_log, same_classes_as=shards if val_shards else None,
                               **_feature_kw(image_size, batch_size, device, workers, threads, encoder))
     _finish("similarity", checkpoint, out, dict(metrics, shards=str(target)))
 
 
 @eval_app.command("tsne")
+@_fs_errors
 def tsne_command(checkpoint: Path = CHECKPOINT, shards: Path = SHARDS, val_shards: Optional[Path] = VAL_SHARDS,
                  out: Optional[Path] = OUT,
                  classes: int = typer.Option(10, "--classes", help="Random classes to draw."),
@@ -149,6 +168,7 @@ def tsne_command(checkpoint: Path = CHECKPOINT, shards: Path = SHARDS, val_shard
     png = png or out / f"tsne-{checkpoint.stem}.png"
     target = val_shards or shards
     metrics = tsne_eval(checkpoint, target, png, out, classes=classes, per_class=per_class, seed=seed, log=_log,
+                        same_classes_as=shards if val_shards else None,
                         **_feature_kw(image_size, batch_size, device, workers, threads, encoder))
     _finish("tsne", checkpoint, out, dict(metrics, shards=str(target)))
 

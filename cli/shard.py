@@ -42,6 +42,14 @@ def print_summary(summary: dict, console: Console) -> None:
             console.print(f"  {entry['path']}: {entry['reason']}", highlight=False, markup=False)
         if summary["skipped"] > _SHOWN:
             console.print(f"  ... and {summary['skipped'] - _SHOWN} more")
+    ignored = summary.get("ignored_links") or []
+    if ignored:
+        console.print(f"[yellow]ignored {len(ignored)} symbolic link(s)[/] (listed in manifest.json; links are "
+                      "followed only inside SRC, without loops, each file once):")
+        for entry in ignored[:_SHOWN]:
+            console.print(f"  {entry['path']}: {entry['reason']}", highlight=False, markup=False)
+        if len(ignored) > _SHOWN:
+            console.print(f"  ... and {len(ignored) - _SHOWN} more")
 
 
 def print_verify(report: dict, console: Console) -> None:
@@ -71,13 +79,15 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Pack an image folder into WebDataset shards with DALI index files and a manifest."""
         from shards import verify_shards, write_shards
+        from shards.errors import os_errors_as_user_errors
 
         console = Console()
         summary = write_shards(src, out, maxcount=maxcount, workers=workers, seed=seed, labels=labels,
                                max_side=max_side, resume=resume, progress=True, classes=classes)
         print_summary(summary, console)
         if verify:
-            report = verify_shards(out, progress=True)
+            with os_errors_as_user_errors(out):
+                report = verify_shards(out, progress=True)
             print_verify(report, console)
             if not report["ok"]:
                 raise typer.Exit(1)
@@ -86,8 +96,10 @@ def register(app: typer.Typer) -> None:
     def verify_command(out: Path = typer.Argument(..., help="A shard folder made by `clim-fast shard`.")) -> None:
         """Re-check a shard folder: counts, checksums, tar members and DALI index files."""
         from shards import verify_shards
+        from shards.errors import os_errors_as_user_errors
 
-        report = verify_shards(out, progress=True)
+        with os_errors_as_user_errors(out):
+            report = verify_shards(out, progress=True)
         print_verify(report, Console())
         if not report["ok"]:
             raise typer.Exit(1)

@@ -87,6 +87,31 @@ class ShardDataset:
     def read(self, sample_id: int) -> tuple[bytes, int]:
         return self.jpeg(sample_id).tobytes(), int(self.index[sample_id]["label"])
 
+    def shards_of(self, sample_ids) -> dict[str, list[int]]:
+        """{shard file name: the given sample ids it holds}, in shard order; ids outside 0..N-1 under ""."""
+        ids = sorted({int(i) for i in np.asarray(sample_ids, dtype=np.int64).reshape(-1).tolist()})
+        held: dict[str, list[int]] = {}
+        for i in ids:
+            if 0 <= i < self.num_samples:
+                held.setdefault(self.tar_paths[int(self.index[i]["shard"])].name, []).append(i)
+            else:
+                held.setdefault("", []).append(i)
+        return dict(sorted(held.items()))
+
+    def describe_samples(self, sample_ids, *, shown: int = 5) -> str:
+        """One line for a sample that failed to decode: which shard file(s) of which folder hold the
+        ids, and what to run, e.g. "samples 17, 40 (in shard-000001.tar of /data/shards): the stored
+        data may be damaged; check the folder with `clim-fast verify /data/shards`"."""
+        held = self.shards_of(sample_ids)
+        parts = []
+        for name, ids in held.items():
+            listed = ", ".join(str(i) for i in ids[:shown]) + (f" and {len(ids) - shown} more" if len(ids) > shown else "")
+            parts.append(f"{listed} ({'in ' + name if name else f'not sample ids of this folder, 0..{self.num_samples - 1}'})")
+        count = sum(len(ids) for ids in held.values())
+        what = "sample" if count == 1 else "samples"
+        return (f"{what} {'; '.join(parts) or 'none'} of {self.root}: the stored data may be damaged; "
+                f"check the folder with `clim-fast verify {self.root}`")
+
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_index"] = None

@@ -43,4 +43,38 @@ def load_manifest(root: str | Path) -> dict:
     for key in ("dataset_id", "num_samples", "classes", "shards"):
         if key not in manifest:
             raise UserError(f"{path}: manifest lacks {key!r}")
+    check_manifest_paths(manifest, path)
     return manifest
+
+
+def is_plain_name(name) -> bool:
+    """A file name that stays inside its folder: no separators, no '..', not absolute, not empty."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+            and "\0" not in name and not Path(name).is_absolute())
+
+
+def check_manifest_paths(manifest: dict, where) -> None:
+    """Every file a manifest names must be a plain file name inside the shard folder: a crafted
+    manifest cannot make a reader open (or mmap) a file elsewhere."""
+    shards = manifest["shards"]
+    if not isinstance(shards, list):
+        raise UserError(f"{where}: 'shards' is not a list")
+    for number, shard in enumerate(shards):
+        if not isinstance(shard, dict):
+            raise UserError(f"{where}: shards[{number}] is not an object")
+        for key in ("name", "index"):
+            if key not in shard:
+                raise UserError(f"{where}: shards[{number}] lacks {key!r}")
+            if not is_plain_name(shard[key]):
+                raise UserError(f"{where}: shards[{number}].{key} is {shard[key]!r}; shard files must be plain "
+                                "file names inside the shard folder")
+        for key in ("first_id", "count", "bytes"):
+            if not isinstance(shard.get(key), int) or isinstance(shard.get(key), bool) or shard[key] < 0:
+                raise UserError(f"{where}: shards[{number}].{key} is {shard.get(key)!r}, not a count")
+    for key in ("samples", "sources"):
+        entry = manifest.get(key)
+        if entry is None:
+            continue
+        name = entry.get("file") if isinstance(entry, dict) else None
+        if not is_plain_name(name):
+            raise UserError(f"{where}: {key}.file is {name!r}; it must be a plain file name inside the shard folder")

@@ -64,8 +64,20 @@ class NeighbourTable:
                             f"{self.counts.shape}, {self.assignment.shape})")
         if n and (self.counts.min() < 1 or self.counts.max() > self.positives.shape[1]):
             raise UserError(f"{where}: malformed neighbour table (counts outside 1..k)")
-        if n and (self.positives.max() >= n or self.positives[:, 0].min() < 0):
-            raise UserError(f"{where}: malformed neighbour table (ids outside 0..N-1)")
+        if not (np.issubdtype(self.positives.dtype, np.integer) and np.issubdtype(self.counts.dtype, np.integer)):
+            raise UserError(f"{where}: malformed neighbour table (positives {self.positives.dtype}, "
+                            f"counts {self.counts.dtype}; expected integers)")
+        if not n:
+            return
+        inside = np.arange(self.positives.shape[1])[None, :] < self.counts[:, None]  # entries below each count
+        bad = np.where(inside, (self.positives < 0) | (self.positives >= n), self.positives != -1)
+        if bad.any():
+            row, col = (int(x) for x in np.argwhere(bad)[0])
+            value, count = int(self.positives[row, col]), int(self.counts[row])
+            rows = int(bad.any(axis=1).sum())
+            expected = f"a sample id in 0..{n - 1}" if col < count else "-1 padding"
+            raise UserError(f"{where}: malformed neighbour table (row {row}, entry {col}: {value}, expected "
+                            f"{expected} since the row's count is {count}; {rows} bad row(s))")
 
     def check_matches(self, dataset_id: str, num_samples: int, where: str | Path = "neighbour table") -> None:
         """Refuse a table made for other shards (docs/architecture.md, "Files")."""

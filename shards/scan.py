@@ -10,12 +10,12 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from shards.errors import UserError
+from shards.errors import UserError, os_error_message
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff",
                               ".ppm", ".pgm", ".pbm"})
@@ -28,6 +28,7 @@ class SourceList:
     labels: np.ndarray  # int64, one per path
     sizes: np.ndarray  # int64 file sizes, part of the fingerprint (a changed file changes it)
     classes: dict[str, int]
+    ignored: list[dict] = field(default_factory=list)  # symbolic links not followed (SYMLINK_RULE)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -45,21 +46,113 @@ def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def _walk_images(folder: Path, root: Path) -> list[tuple[str, int]]:
-    """(relative posix path, file size) of every image-named file below folder, hidden ones skipped."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
-            if name.startswith(".") or not is_image_name(name):
-                continue
-            full = os.path.join(dirpath, name)
+SYMLINK_RULE = (
+    "Symbolic links below SRC are followed only to targets inside SRC that no other path already "
+    "reaches: a link that points outside SRC, at a folder that contains it (a loop), at a folder or "
+    "file already included, or at nothing is ignored, and each real file is included once. Ignored "
+    "links are listed in manifest.json (ignored_links) and in the summary. SRC itself may be a link.")
+
+
+class _Scanner:
+    """Walks SRC without loops: real folders first, then the symbolic links met on the way.
+
+    Every real folder is walked at most once and every real file is taken at most once (real
+    paths win over paths through links); links to targets outside SRC are never followed.
+    """
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.root_real = os.path.realpath(root)
+        self._prefix = self.root_real.rstrip(os.sep) + os.sep
+        self.real_dirs: set[str] = set()
+        self.real_files: dict[str, str] = {}  # real path -> the relative path that took it
+        self.found: list[tuple[str, int, str | None]] = []  # (relative posix path, size, group)
+        self.links: list[tuple[str, str | None]] = []  # (relative path, group) still to follow
+        self.ignored: list[dict] = []  # {"path", "reason"}
+
+    def _inside(self, real: str) -> bool:
+        return real == self.root_real or real.startswith(self._prefix)
+
+    def _rel_of_real(self, real: str) -> str:
+        return "." if real == self.root_real else real[len(self._prefix):].replace(os.sep, "/")
+
+    def walk(self, rel_dir: str, real_dir: str, group: str | None) -> None:
+        """Every image below a folder reached by its real path; links are queued for `follow_links`."""
+        stack = [(rel_dir, real_dir)]
+        while stack:
+            rel, real = stack.pop()
+            self.real_dirs.add(real)
             try:
-                size = os.stat(full).st_size
-            except OSError:
-                size = -1  # unreadable: the encoder skips it with the reason
-            found.append((Path(full).relative_to(root).as_posix(), size))
-    return found
+                with os.scandir(real) as it:
+                    entries = sorted(it, key=lambda e: e.name)
+            except OSError as e:
+                raise UserError(f"{self.root / rel if rel else self.root}: cannot list the folder "
+                                f"({os_error_message(e).split(': ', 1)[-1]})") from None
+            subdirs = []
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                child = f"{rel}/{entry.name}" if rel else entry.name
+                try:
+                    if entry.is_symlink():
+                        self.links.append((child, group))
+                    elif entry.is_dir(follow_symlinks=False):
+                        subdirs.append((child, os.path.join(real, entry.name)))
+                    elif is_image_name(entry.name) and entry.is_file(follow_symlinks=False):
+                        self._add_file(child, os.path.join(real, entry.name), group)
+                except OSError:  # cannot even stat it: the encoder reports why
+                    if is_image_name(entry.name):
+                        self._add_file(child, os.path.join(real, entry.name), group)
+            stack.extend(reversed(subdirs))
+
+    def _add_file(self, rel: str, real: str, group: str | None) -> None:
+        if real in self.real_files:
+            self.ignored.append({"path": rel, "reason": f"second path to {self.real_files[real]}"})
+            return
+        self.real_files[real] = rel
+        try:
+            size = os.stat(real).st_size
+        except OSError:
+            size = -1  # unreadable: the encoder skips it with the reason
+        self.found.append((rel, size, group))
+
+    def dir_link_problem(self, rel: str, target: str) -> str | None:
+        """Why a link to the folder `target` is not followed, or None when it is."""
+        if not self._inside(target):
+            return f"link to {target}, outside SRC"
+        if target in self.real_dirs or target == self.root_real:
+            parent = os.path.realpath((self.root / rel).parent)
+            if parent == target or parent.startswith(target.rstrip(os.sep) + os.sep):
+                return "link loop (points at a folder that contains it)"
+            return f"second path to the folder {self._rel_of_real(target)}"
+        return None
+
+    def follow_links(self) -> None:
+        while self.links:
+            pending, self.links = sorted(self.links, key=lambda x: x[0]), []
+            for rel, group in pending:
+                self._follow(rel, group)
+
+    def _follow(self, rel: str, group: str | None) -> None:
+        path = self.root / rel
+        target = os.path.realpath(path)
+        is_dir = os.path.isdir(target)
+        if not is_dir and not is_image_name(path.name):
+            return  # not an image name: ignored like any other such file
+        if not os.path.exists(target):
+            self.ignored.append({"path": rel, "reason": "broken link"})
+            return
+        if not self._inside(target):
+            self.ignored.append({"path": rel, "reason": f"link to {target}, outside SRC"})
+            return
+        if is_dir:
+            problem = self.dir_link_problem(rel, target)
+            if problem:
+                self.ignored.append({"path": rel, "reason": problem})
+            else:
+                self.walk(rel, target, group)
+        elif os.path.isfile(target):
+            self._add_file(rel, target, group)
 
 
 def find_sources(src: str | Path, labels: str | Path | None = None,
@@ -74,12 +167,41 @@ def find_sources(src: str | Path, labels: str | Path | None = None,
     return _class_folders(root, classes)
 
 
+def _ignored_note(ignored: list[dict]) -> str:
+    if not ignored:
+        return ""
+    return f"; {len(ignored)} symbolic link(s) ignored, e.g. {ignored[0]['path']}: {ignored[0]['reason']}"
+
+
 def _class_folders(root: Path, classes: dict[str, int] | None) -> SourceList:
-    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    scanner = _Scanner(root)
+    scanner.real_dirs.add(scanner.root_real)
+    try:
+        with os.scandir(scanner.root_real) as it:
+            top = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+        real_folders = [e.name for e in top if not e.is_symlink() and e.is_dir(follow_symlinks=False)]
+        linked = [e.name for e in top if e.is_symlink()]
+    except OSError as e:
+        raise UserError(f"{root}: cannot list the folder ({os_error_message(e).split(': ', 1)[-1]})") from None
+    for name in real_folders:
+        scanner.walk(name, os.path.join(scanner.root_real, name), name)
+    folders = list(real_folders)
+    for name in linked:  # a linked class folder counts when the rule lets the walk follow it
+        target = os.path.realpath(root / name)
+        if not os.path.isdir(target):
+            continue
+        problem = scanner.dir_link_problem(name, target)
+        if problem:
+            scanner.ignored.append({"path": name, "reason": problem})
+        else:
+            folders.append(name)
+            scanner.walk(name, target, name)
+    scanner.follow_links()
+    folders.sort()
     if not folders:
         if any(is_image_name(p.name) for p in root.iterdir() if p.is_file()):
             raise UserError(f"{root}: images but no class folders; for a flat folder pass --labels FILE")
-        raise UserError(f"{root}: no images (expected one folder of images per class)")
+        raise UserError(f"{root}: no images (expected one folder of images per class){_ignored_note(scanner.ignored)}")
     if classes is None:
         classes = {name: i for i, name in enumerate(folders)}
     else:
@@ -87,16 +209,28 @@ def _class_folders(root: Path, classes: dict[str, int] | None) -> SourceList:
         if unknown:
             raise UserError(f"{root}: class folder {unknown[0]!r} is not in the given class mapping "
                             f"({len(unknown)} unknown folder(s))")
+    by_group: dict[str, list[tuple[str, int]]] = {name: [] for name in folders}
+    for rel, size, group in scanner.found:
+        by_group[group].append((rel, size))
     paths, labels, sizes = [], [], []
     for name in folders:
-        for rel, size in sorted(_walk_images(root / name, root)):
+        for rel, size in sorted(by_group[name]):
             paths.append(rel)
             labels.append(classes[name])
             sizes.append(size)
     if not paths:
         raise UserError(f"{root}: no images in its {len(folders)} class folder(s) "
-                        f"(extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
-    return SourceList(root, paths, np.asarray(labels, np.int64), np.asarray(sizes, np.int64), classes)
+                        f"(extensions: {', '.join(sorted(IMAGE_EXTENSIONS))}){_ignored_note(scanner.ignored)}")
+    return SourceList(root, paths, np.asarray(labels, np.int64), np.asarray(sizes, np.int64), classes,
+                      sorted(scanner.ignored, key=lambda x: x["path"]))
+
+
+def _walk_images(root: Path) -> tuple[list[tuple[str, int]], list[dict]]:
+    """(relative posix path, size) of every image below root by SYMLINK_RULE, and the ignored links."""
+    scanner = _Scanner(root)
+    scanner.walk("", scanner.root_real, None)
+    scanner.follow_links()
+    return sorted((rel, size) for rel, size, _ in scanner.found), sorted(scanner.ignored, key=lambda x: x["path"])
 
 
 _HEADER = re.compile(r"^\s*(imageid|image_id|file|filename|path|name)\s*[,\s]", re.IGNORECASE)
@@ -125,9 +259,10 @@ def read_labels_file(path: Path) -> list[tuple[int, str, str]]:
 
 
 def _flat_with_labels(root: Path, labels_path: Path, classes: dict[str, int] | None) -> SourceList:
-    found = sorted(_walk_images(root, root))
+    found, ignored = _walk_images(root)
     if not found:
-        raise UserError(f"{root}: no images (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
+        raise UserError(f"{root}: no images (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})"
+                        f"{_ignored_note(ignored)}")
     entries = read_labels_file(labels_path)
     # An entry names a file by its path below SRC, with or without the extension.
     lookup: dict[str, int] = {}
@@ -158,4 +293,4 @@ def _flat_with_labels(root: Path, labels_path: Path, classes: dict[str, int] | N
         classes = {name: k for k, name in enumerate(names)}
     labels = np.asarray([classes[label_of[i]] for i in range(len(found))], np.int64)
     return SourceList(root, [rel for rel, _ in found], labels,
-                      np.asarray([size for _, size in found], np.int64), classes)
+                      np.asarray([size for _, size in found], np.int64), classes, ignored)

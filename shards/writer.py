@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from shards.errors import UserError
+from shards.errors import UserError, os_errors_as_user_errors
+from shards.lock import folder_lock
 from shards.atomic import atomic_write_bytes, atomic_write_text
 from shards.dali_index import index_line, index_text
 from shards.encode import SKIP, Checked, check_chunk, check_file
@@ -59,6 +60,15 @@ def write_shards(src, out, *, maxcount: int = DEFAULT_MAXCOUNT, workers: int = 1
     sources = find_sources(src, labels, _class_mapping(classes))
     fingerprint = sources.fingerprint({"seed": seed, "maxcount": maxcount, "max_side": max_side})
     out = Path(out)
+    # One run per OUT: a second run is refused while this one lives (shards/lock.py), and any
+    # file-system failure (permissions, a file in the way, a full disk) is a one-line error.
+    with folder_lock(out, "`clim-fast shard` run"), os_errors_as_user_errors(out):
+        return _write_locked(src, out, sources, fingerprint, maxcount=maxcount, workers=workers, seed=seed,
+                             labels=labels, max_side=max_side, resume=resume, progress=progress, started=started)
+
+
+def _write_locked(src, out: Path, sources: SourceList, fingerprint: str, *, maxcount: int, workers: int,
+                  seed: int, labels, max_side: int | None, resume: bool, progress: bool, started: float) -> dict:
     finished = _finished_manifest(out, fingerprint, resume)
     if finished is not None:
         shutil.rmtree(out / PARTIAL, ignore_errors=True)
@@ -191,20 +201,26 @@ def _checked_stream(sources: SourceList, order: np.ndarray, start: int, workers:
     # Chunks amortise the round trip; a bounded window keeps memory flat at ImageNet scale.
     chunk = max(1, min(32, len(paths) // (workers * 8)))
     chunks = (paths[k:k + chunk] for k in range(0, len(paths), chunk))
-    pool = ProcessPoolExecutor(workers, mp_context=_pool_context())
-    try:
-        window = deque(pool.submit(check_chunk, c, max_side) for c in itertools.islice(chunks, workers * 4))
-        position = start
-        while window:
-            results = window.popleft().result()
-            following = next(chunks, None)
-            if following is not None:
-                window.append(pool.submit(check_chunk, following, max_side))
-            for checked in results:
-                yield position, checked
-                position += 1
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    pool = ProcessPoolExecutor(workers, mp_context=_pool_context(), initializer=_worker_init,
+                               initargs=(os.getpid(),))
+    finished = False
+    with _kill_pool_on_sigterm(pool):
+        try:
+            window = deque(pool.submit(check_chunk, c, max_side) for c in itertools.islice(chunks, workers * 4))
+            position = start
+            while window:
+                results = window.popleft().result()
+                following = next(chunks, None)
+                if following is not None:
+                    window.append(pool.submit(check_chunk, following, max_side))
+                for checked in results:
+                    yield position, checked
+                    position += 1
+            finished = True
+        finally:
+            if not finished:  # an error or an interrupt: do not wait for the queued chunks
+                _kill_workers(pool)
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _pool_context():
@@ -212,6 +228,69 @@ def _pool_context():
     # matter, and unlike spawn/forkserver it works from a script without a __main__ guard.
     methods = multiprocessing.get_all_start_methods()
     return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _worker_init(parent_pid: int) -> None:
+    """Pool worker set-up: die with the parent (even on kill -9), leave SIGINT/SIGTERM to it."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent cleans up
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    set_parent_death_signal(signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the parent died before the line above took effect
+        os._exit(1)
+
+
+def set_parent_death_signal(sig: int) -> bool:
+    """Linux: have the kernel send `sig` to this process when its parent exits (PR_SET_PDEATHSIG).
+    False where unsupported."""
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _kill_workers(pool: ProcessPoolExecutor) -> None:
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        try:
+            process.kill()
+        except (OSError, ValueError, AttributeError):
+            pass
+
+
+@contextmanager
+def _kill_pool_on_sigterm(pool: ProcessPoolExecutor):
+    """In the main thread: SIGTERM kills the workers and ends the process at once (exit 143). What
+    is on disk is crash-safe by design, so `--resume` finishes the run."""
+    import signal
+    import sys
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigterm(signum, frame):
+        _kill_workers(pool)
+        print("shard: stopped by SIGTERM; complete shards are kept, run the same command with --resume "
+              "to finish", file=sys.stderr, flush=True)
+        os._exit(128 + signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class _ShardBuilder:
@@ -296,6 +375,7 @@ def _finalize(out: Path, sources: SourceList, records: list[dict], tail_skipped:
         "sources": {"file": SOURCES, "sha256": hashlib.sha256(sources_text.encode()).hexdigest()},
         "args": args,
         "skipped": skipped,
+        "ignored_links": sources.ignored,
         "reencoded": {
             "count": len(reencoded),
             "by_reason": dict(sorted(Counter(reason for _, reason in reencoded).items())),
@@ -320,6 +400,7 @@ def _summary(out: Path, manifest: dict, started: float, *, resumed_shards: int, 
         "source_files": manifest["source_files"],
         "skipped": len(manifest["skipped"]),
         "skipped_files": manifest["skipped"],
+        "ignored_links": manifest.get("ignored_links", []),
         "reencoded": manifest["reencoded"]["count"],
         "reencoded_by_reason": manifest["reencoded"]["by_reason"],
         "resumed_shards": resumed_shards,

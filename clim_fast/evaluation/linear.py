@@ -115,13 +115,12 @@ def linear_eval_checkpoint(checkpoint, shards_dir, val_shards_dir, *, image_size
     """The linear protocol on the query encoder's backbone of a training checkpoint, fed by the DALI
     LinearLoader graphs (train: RandomResizedCrop + flip, val: resize + center crop)."""
     from clim_fast.training.checkpoint import model_from_checkpoint
-    from clim_fast.evaluation.measures import eval_backbone
+    from clim_fast.evaluation.measures import check_same_classes, eval_backbone
     from dali_pipelines import LinearLoader
     from shards import ShardDataset
 
     train_set, val_set = ShardDataset(shards_dir), ShardDataset(val_shards_dir)
-    if train_set.classes != val_set.classes:
-        raise UserError(f"{val_shards_dir}: its classes differ from those of {shards_dir}")
+    check_same_classes(train_set, val_set, shards_dir, val_shards_dir)
     model, cfg, _ = model_from_checkpoint(checkpoint, map_location="cpu")
     image_size = image_size or cfg.image_size
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

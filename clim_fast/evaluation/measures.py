@@ -210,6 +210,8 @@ def checkpoint_features(checkpoint: str | Path, shards_dir: str | Path, cache_di
     from shards import ShardDataset
 
     checkpoint = Path(checkpoint)
+    if checkpoint.is_dir():
+        raise UserError(f"{checkpoint}: a folder, not a checkpoint file")
     if not checkpoint.is_file():
         raise UserError(f"{checkpoint}: checkpoint not found")
     dataset = ShardDataset(shards_dir)
@@ -283,6 +285,30 @@ def _class_names(dataset) -> list[str]:
     return names
 
 
+def check_same_classes(train, val, train_dir=None, val_dir=None) -> None:
+    """Every eval's guard: the validation shards must use the training shards' class mapping
+    (name -> index), else labels would silently mean different classes. `train`/`val`: ShardDatasets
+    or shard folders. One-line UserError naming both folders and the first difference."""
+    from shards import ShardDataset
+
+    train = train if isinstance(train, ShardDataset) else ShardDataset(train)
+    val = val if isinstance(val, ShardDataset) else ShardDataset(val)
+    if train.classes == val.classes:
+        return
+    train_dir, val_dir = train_dir or train.root, val_dir or val.root
+    only_val = sorted(set(val.classes) - set(train.classes))
+    only_train = sorted(set(train.classes) - set(val.classes))
+    moved = sorted(n for n in set(train.classes) & set(val.classes) if train.classes[n] != val.classes[n])
+    if only_val:
+        detail = f"class {only_val[0]!r} is not among its {len(train.classes)} classes"
+    elif only_train:
+        detail = f"class {only_train[0]!r} is missing ({len(val.classes)} of {len(train.classes)} classes)"
+    else:
+        detail = f"class {moved[0]!r} has index {val.classes[moved[0]]}, not {train.classes[moved[0]]}"
+    raise UserError(f"{val_dir}: its class mapping differs from that of {train_dir} ({detail}); shard the "
+                    f"validation images with `--classes {train_dir}`")
+
+
 def knn_eval(checkpoint, shards_dir, val_shards_dir=None, cache_dir=None, *, k: int = 200, t: float = 0.07,
              holdout_every: int = 10, log=print, **feature_kw) -> dict:
     """kNN top-1/top-5 of a checkpoint: the training shards are the memory bank, --val-shards the
@@ -293,9 +319,7 @@ def knn_eval(checkpoint, shards_dir, val_shards_dir=None, cache_dir=None, *, k: 
     train_set = ShardDataset(shards_dir)
     feats, labels = checkpoint_features(checkpoint, shards_dir, cache_dir, log=log, **feature_kw)
     if val_shards_dir:
-        val_set = ShardDataset(val_shards_dir)
-        if val_set.classes != train_set.classes:
-            raise UserError(f"{val_shards_dir}: its classes differ from those of {shards_dir}")
+        check_same_classes(train_set, ShardDataset(val_shards_dir), shards_dir, val_shards_dir)
         test_feats, test_labels = checkpoint_features(checkpoint, val_shards_dir, cache_dir, log=log, **feature_kw)
         split = "val-shards"
     else:
@@ -308,16 +332,23 @@ def knn_eval(checkpoint, shards_dir, val_shards_dir=None, cache_dir=None, *, k: 
     return dict(metrics, k=k, t=t, train_samples=int(len(labels)), test_samples=int(len(test_labels)), split=split)
 
 
-def similarity_eval(checkpoint, shards_dir, cache_dir=None, *, log=print, **feature_kw) -> dict:
+def similarity_eval(checkpoint, shards_dir, cache_dir=None, *, log=print, same_classes_as=None,
+                    **feature_kw) -> dict:
+    """Class similarity on `shards_dir`; `same_classes_as`: the training shards it must share its
+    class mapping with (when `shards_dir` is a validation split)."""
+    if same_classes_as is not None:
+        check_same_classes(same_classes_as, shards_dir)
     feats, labels = checkpoint_features(checkpoint, shards_dir, cache_dir, log=log, **feature_kw)
     out = class_similarity(feats, labels)
     return dict(out, gap=out["intra"] - out["inter"], samples=int(len(labels)))
 
 
 def tsne_eval(checkpoint, shards_dir, png, cache_dir=None, *, classes: int = 10, per_class: int = 300,
-              seed: int = 0, title: str | None = None, log=print, **feature_kw) -> dict:
+              seed: int = 0, title: str | None = None, log=print, same_classes_as=None, **feature_kw) -> dict:
     from shards import ShardDataset
 
+    if same_classes_as is not None:
+        check_same_classes(same_classes_as, shards_dir)
     names = _class_names(ShardDataset(shards_dir))
     feats, labels = checkpoint_features(checkpoint, shards_dir, cache_dir, log=log, **feature_kw)
     info = tsne_plot(feats, labels, png, classes=classes, seed=seed, per_class=per_class, class_names=names,

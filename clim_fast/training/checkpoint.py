@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import random
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -40,15 +41,37 @@ def save_checkpoint(state: dict, *paths: str | Path) -> None:
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     """The checkpoint dict; UserError naming the file when it is missing, corrupt or foreign."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: a folder, not a checkpoint file")
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on pickle protocols: the error below says enough
+            warnings.simplefilter("ignore", UserWarning)
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, pickle refused by weights_only, ...
-        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise UserError(f"{path}: {_load_failure(e)}") from None
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
         raise UserError(f"{path}: not a clim-fast checkpoint (expected keys {', '.join(REQUIRED_KEYS)})")
     return ckpt
+
+
+_UNSAFE_GLOBAL = re.compile(r"(?:GLOBAL|global:?)\s+([A-Za-z_][\w.]*)")
+
+
+def _load_failure(e: Exception) -> str:
+    """Why torch.load(weights_only=True) refused a file, in one line. A refused pickle gets our own
+    words: torch's message suggests weights_only=False, which would run whatever the file holds."""
+    text = str(e)
+    if "weights only load failed" in text.lower():
+        found = _UNSAFE_GLOBAL.search(text)
+        what = f" (it references {found.group(1)})" if found else ""
+        return ("refused for safety: the file contains objects other than tensors and plain values"
+                f"{what}, which could run code when loaded; clim-fast loads only checkpoints made of tensors")
+    if "zip archive" in text or "central directory" in text:
+        return "not a readable checkpoint (truncated or corrupt: not a complete zip archive)"
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"not a readable checkpoint ({type(e).__name__}{': ' + first[:200] if first else ''})"
 
 
 def model_from_checkpoint(path: str | Path, map_location="cpu"):
@@ -71,25 +94,48 @@ def load_model_state(model: torch.nn.Module, state: dict, where) -> None:
         raise UserError(f"{where}: checkpoint does not match the model ({first[:300]})") from None
 
 
-def find_resume_checkpoint(run_dir: str | Path) -> tuple[Path, dict] | None:
-    """The newest loadable checkpoint of a run (last.pt, then epoch-XXXX.pt newest first), or None."""
+def checkpoint_files(run_dir: str | Path) -> list[Path]:
+    """The checkpoint files of a run, newest first: last.pt, then epoch-XXXX.pt by epoch, descending."""
     folder = Path(run_dir) / "checkpoints"
     if not folder.is_dir():
-        return None
+        return []
     epochs = sorted((p for p in folder.iterdir() if EPOCH_FILE.match(p.name)),
                     key=lambda p: int(EPOCH_FILE.match(p.name).group(1)), reverse=True)
-    candidates = [folder / "last.pt", *epochs]
-    found = []
-    for path in candidates:
-        if not path.is_file():
-            continue
+    return [p for p in (folder / "last.pt", *epochs) if p.exists()]
+
+
+def find_resume_checkpoint(run_dir: str | Path, *, allow_broken: bool = False,
+                           warn=None) -> tuple[Path, dict] | None:
+    """`--resume auto`: (path, checkpoint) of the newest loadable checkpoint of RUN.
+
+    Each newer file that does not load is skipped with a one-line warning (`warn`, default: stderr)
+    naming it and why. None when RUN has no checkpoint files at all (a fresh start). When there are
+    checkpoint files but none loads, a UserError naming them (nothing is overwritten), unless
+    `allow_broken` (the user asked to start over: warnings, then None).
+    """
+    import sys
+
+    if warn is None:
+        def warn(message: str) -> None:
+            print(message, file=sys.stderr, flush=True)
+
+    files = checkpoint_files(run_dir)
+    if not files:
+        return None
+    problems = []
+    for path in files:
         try:
-            ckpt = load_checkpoint(path)
-        except UserError:
-            continue  # a torn or foreign file: fall back to an older one
-        found.append((path, ckpt))
-        break
-    return found[0] if found else None
+            return path, load_checkpoint(path)
+        except UserError as e:
+            reason = str(e)
+            reason = reason[len(f"{path}: "):] if reason.startswith(f"{path}: ") else reason
+            problems.append((path, reason))
+            warn(f"warning: --resume auto: skipping {path}: {reason}")
+    if allow_broken:
+        return None
+    names = ", ".join(p.name for p, _ in problems)
+    raise UserError(f"{Path(run_dir) / 'checkpoints'}: none of its {len(problems)} checkpoint file(s) loads "
+                    f"({names}); nothing was overwritten. To start over, move them away or pass --resume fresh")
 
 
 def prune_epoch_checkpoints(folder: str | Path, keep: int) -> None:
