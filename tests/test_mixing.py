@@ -90,3 +90,30 @@ def test_same_generator_same_result_and_dispatch():
     assert torch.equal(m1, m2) and torch.equal(l1, l2)
     with pytest.raises(Exception):
         mix_images("nope", a, b, 2.0, torch.Generator())
+
+
+def test_cutmix_scalars_depend_only_on_the_generator():
+    # lambdas and boxes are drawn and computed on the CPU, so the images' dtype (and device)
+    # cannot change them: the same seed gives the same lam and the same pasted region
+    a, b = _pair(n=32, h=24, w=20)
+    ref_mixed, ref_lam = cutmix(a, b, 2.0, torch.Generator().manual_seed(11))
+    ref_inside = ref_mixed[:, 0] < 0
+    for dtype in (torch.float64, torch.bfloat16, torch.float16):
+        mixed, lam = cutmix(a.to(dtype), b.to(dtype), 2.0, torch.Generator().manual_seed(11))
+        assert lam.dtype == torch.float32 and torch.equal(lam, ref_lam)
+        assert torch.equal(mixed[:, 0] < 0, ref_inside)
+    _, lam_mix = mixup(a, b, 0.2, torch.Generator().manual_seed(4))
+    _, lam_mix16 = mixup(a.half(), b.half(), 0.2, torch.Generator().manual_seed(4))
+    assert torch.equal(lam_mix, lam_mix16)
+    assert sample_beta(8, 2.0, torch.Generator().manual_seed(2)).device.type == "cpu"
+
+
+@pytest.mark.gpu
+def test_cutmix_and_mixup_lambdas_identical_on_cpu_and_cuda():
+    a, b = _pair(n=256, h=32, w=32)
+    for fn, alpha in ((cutmix, 2.0), (mixup, 0.2)):
+        m_cpu, l_cpu = fn(a, b, alpha, torch.Generator().manual_seed(5))
+        m_gpu, l_gpu = fn(a.cuda(), b.cuda(), alpha, torch.Generator().manual_seed(5))
+        assert l_gpu.device.type == "cuda" and torch.equal(l_cpu, l_gpu.cpu())
+        if fn is cutmix:
+            assert torch.equal(m_cpu, m_gpu.cpu())
