@@ -26,7 +26,7 @@ class LaunchEnv:
     local_rank: int
     master_addr: str
     master_port: int
-    source: str  # "torchrun" | "slurm" | "none"
+    launcher: str  # "torchrun" | "slurm"
 
 
 def detect_launcher() -> LaunchEnv | None:
@@ -113,7 +113,10 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     if not is_distributed():
         return t
     dev = _comm_device(t)
-    local = t.contiguous().to(dev)
+    # keep a channels_last batch channels_last: .contiguous() alone would copy it back to NCHW
+    fmt = torch.channels_last if t.ndim == 4 and t.is_contiguous(memory_format=torch.channels_last) else \
+        torch.contiguous_format
+    local = t.contiguous(memory_format=fmt).to(dev)
     out = [torch.empty_like(local) for _ in range(get_world_size())]
     dist.all_gather(out, local)
     return torch.cat(out).to(t.device)
@@ -145,13 +148,42 @@ def broadcast_tensor(t: torch.Tensor, src: int = 0) -> torch.Tensor:
 
 
 @torch.no_grad()
-def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if not is_distributed():
         return t
     dev = _comm_device(t)
     buf = t.detach().clone().to(dev)
     dist.all_reduce(buf)
-    return (buf / get_world_size()).to(t.device)
+    return buf.to(t.device)
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    return all_reduce_sum(t) / get_world_size() if is_distributed() else t
+
+
+@torch.no_grad()
+def broadcast_varlen(t: torch.Tensor, src: int) -> torch.Tensor:
+    """Rank `src`'s tensor on every rank; rows may differ per rank, trailing dims and dtype not."""
+    if not is_distributed():
+        return t
+    rows = int(broadcast_tensor(torch.tensor([t.shape[0]], dtype=torch.int64), src))
+    buf = t if get_rank() == src else torch.empty((rows, *t.shape[1:]), dtype=t.dtype, device=t.device)
+    return broadcast_tensor(buf, src)
+
+
+def raise_if_any_failed(error: BaseException | None, what: str) -> None:
+    """Collective: every rank says whether it failed; all raise if one did. Call it where a rank
+    that failed alone would otherwise leave the others waiting in the next collective."""
+    if not is_distributed():
+        if error is not None:
+            raise error
+        return
+    messages = all_gather_object(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    failed = [(r, m) for r, m in enumerate(messages) if m is not None]
+    if failed:
+        raise RuntimeError(f"{what} failed on rank {failed[0][0]}: {failed[0][1]}")
 
 
 def broadcast_object(obj, src: int = 0):
@@ -184,9 +216,3 @@ def broadcast_numpy(arr: np.ndarray | None, src: int = 0) -> np.ndarray:
     t = broadcast_tensor(t, src)
     return t.numpy().view(dtype).reshape(shape)
 
-
-def all_gather_numpy(arr: np.ndarray) -> np.ndarray:
-    """Concatenate arrays from all ranks along axis 0 (rows per rank may differ)."""
-    if not is_distributed():
-        return arr
-    return np.concatenate(all_gather_object(np.ascontiguousarray(arr)))

@@ -1,4 +1,9 @@
-"""Features of every sample, in id order, gathered across ranks (step 1 of the center-wise selection, docs/architecture.md)."""
+"""Features of every sample with a centre-crop loader (step 1 of the center-wise selection and the
+input of every evaluation).
+
+`encode_share` keeps what this rank computed (its share of the ids); `extract_features` places
+every rank's share by sample id on every rank, for evaluations, which run on small sets.
+"""
 
 from __future__ import annotations
 
@@ -9,38 +14,55 @@ from clim_fast import distributed as dd
 
 
 @torch.no_grad()
-def extract_features(encode_fn, loader, num_samples: int) -> tuple[torch.Tensor, np.ndarray]:
+def encode_share(encode_fn, loader) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run `encode_fn(images) -> [B, d]` over a FeatureLoader (this rank's share, each sample once).
 
-    Returns (features float32 [N, d] CPU tensor, L2-normalised, row i = sample id i; labels int64
-    [N]) on every rank: the ranks' shares are all-gathered and placed by sample id.
-    """
+    Returns (features float32 [n, d] L2-normalised, on the encoder's device; ids int64 [n];
+    labels int64 [n]) for this rank's share. A rank with an empty share returns [0, d] features,
+    with d agreed with the other ranks."""
     feats, ids, labels = [], [], []
     for batch in loader:
-        out = encode_fn(batch["image"])
-        feats.append(torch.nn.functional.normalize(out.float(), dim=1).cpu())
+        feats.append(torch.nn.functional.normalize(encode_fn(batch["image"]).float(), dim=1))
         ids.append(batch["id"].reshape(-1).long().cpu())
         labels.append(batch["label"].reshape(-1).long().cpu())
-    if feats:
-        local_feats, local_ids, local_labels = torch.cat(feats), torch.cat(ids), torch.cat(labels)
-    else:
-        dim = _feature_dim(encode_fn)
-        local_feats = torch.empty(0, dim)
-        local_ids = local_labels = torch.empty(0, dtype=torch.int64)
-    all_feats = dd.all_gather_varlen(local_feats)
-    all_ids = dd.all_gather_varlen(local_ids)
-    all_labels = dd.all_gather_varlen(local_labels)
-    in_range = all_ids.numel() == 0 or (all_ids.min() >= 0 and all_ids.max() < num_samples)
-    if all_ids.numel() != num_samples or not in_range or (torch.bincount(all_ids, minlength=num_samples) != 1).any():
+    dim = max(dd.all_gather_object(feats[0].shape[1] if feats else 0))
+    if not feats:
+        return torch.empty(0, dim), torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64)
+    return torch.cat(feats), torch.cat(ids), torch.cat(labels)
+
+
+def check_coverage(ids: torch.Tensor, num_samples: int) -> None:
+    """Every sample id exactly once over all ranks (collective)."""
+    in_range = (ids >= 0) & (ids < num_samples)
+    counts = dd.all_reduce_sum(torch.bincount(ids[in_range], minlength=num_samples))
+    total, outside = dd.all_reduce_sum(torch.tensor([ids.numel(), int((~in_range).sum())])).tolist()
+    if total != num_samples or outside or (counts != 1).any():
         raise RuntimeError(f"feature extraction did not see every sample exactly once "
-                           f"({all_ids.numel()} features for {num_samples} samples)")
-    out_feats = torch.empty(num_samples, all_feats.shape[1])
-    out_feats[all_ids] = all_feats
+                           f"({total} features for {num_samples} samples)")
+
+
+@torch.no_grad()
+def extract_features(encode_fn, loader, num_samples: int) -> tuple[torch.Tensor, np.ndarray]:
+    """(features float32 [N, d] CPU tensor, L2-normalised, row i = sample id i; labels int64 [N]) on
+    every rank: the ranks' shares are all-gathered and placed by sample id."""
+    feats, ids, labels = encode_share(encode_fn, loader)
+    check_coverage(ids, num_samples)
+    all_ids = dd.all_gather_varlen(ids)
+    out_feats = torch.empty(num_samples, feats.shape[1])
+    out_feats[all_ids] = dd.all_gather_varlen(feats.cpu())
     out_labels = np.empty(num_samples, dtype=np.int64)
-    out_labels[all_ids.numpy()] = all_labels.numpy()
+    out_labels[all_ids.numpy()] = dd.all_gather_varlen(labels).numpy()
     return out_feats, out_labels
 
 
-def _feature_dim(encode_fn) -> int:
-    # A rank with an empty share still has to join the gathers with the right width.
-    return int(getattr(encode_fn, "feature_dim", 0))
+def momentum_features(model, kind: str, device: torch.device, precision: str = "auto"):
+    """encode_fn for mining: the momentum encoder's L2-normalised features of a batch (eval-mode BN,
+    no grad; bf16 autocast on CUDA unless precision is fp32). `model` may be DDP-wrapped."""
+    moco = getattr(model, "module", model)
+    autocast = device.type == "cuda" and precision != "fp32"
+
+    def encode(images: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            return moco.key_features(images, kind=kind).float()
+
+    return encode

@@ -1,4 +1,4 @@
-"""A synthetic data source shaped exactly like dali_pipelines.PretrainLoader's output.
+"""Synthetic training data shaped exactly like dali_pipelines.PretrainLoader's output.
 
 Images are a per-class random pattern plus per-view noise, so contrastive training on them has
 something to learn; everything is a pure function of (seed, epoch, rank, batch index), which makes
@@ -13,14 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dali_pipelines.epochs import epoch_share
 from shards.neighbours import NeighbourTable
-
-
-def epoch_ids(num_samples: int, global_batch: int, rank: int, world_size: int, seed: int, epoch: int) -> np.ndarray:
-    """DistributedSampler contract: seeded permutation, drop-last, rank takes perm[rank::world]."""
-    perm = np.random.default_rng([seed, epoch]).permutation(num_samples)
-    perm = perm[: (num_samples // global_batch) * global_batch]
-    return perm[rank::world_size].astype(np.int64)
 
 
 class SyntheticPretrainLoader:
@@ -33,13 +27,13 @@ class SyntheticPretrainLoader:
         self.labels = np.arange(num_samples) % num_classes
         g = torch.Generator().manual_seed(seed + 12345)
         self.prototypes = torch.randn(num_classes, 3, image_size, image_size, generator=g)
-        self._pending_table, self._table, self._epoch = table, table, 0
+        self._pending_table, self._table, self._epoch, self._start = table, table, 0, 0
 
     def __len__(self) -> int:
         return self.num_samples // self.batch_size
 
-    def set_epoch(self, epoch: int) -> None:
-        self._epoch, self._table = epoch, self._pending_table
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self._epoch, self._table, self._start = epoch, self._pending_table, start_step
 
     def set_table(self, table: NeighbourTable | None) -> None:
         self._pending_table = table
@@ -49,9 +43,9 @@ class SyntheticPretrainLoader:
         return base + self.noise * torch.randn(base.shape, generator=g)
 
     def __iter__(self):
-        ids = epoch_ids(self.num_samples, self.batch_size, self.rank, self.world_size, self.seed, self._epoch)
+        ids = epoch_share(self.num_samples, self.batch_size, self.rank, self.world_size, self.seed, self._epoch)
         local = self.batch_size // self.world_size
-        for b in range(len(self)):
+        for b in range(self._start, len(self)):
             batch_ids = ids[b * local:(b + 1) * local]
             g = torch.Generator().manual_seed(hash((self.seed, self._epoch, self.rank, b)) % 2**62)
             out = {"q": self._views(batch_ids, g), "k": self._views(batch_ids, g),
@@ -85,25 +79,37 @@ def label_table(labels: np.ndarray, k: int = 4, seed: int = 0, dataset_id: str =
     return NeighbourTable(positives, counts, labels.astype(np.int32), {"dataset_id": dataset_id, "k": k})
 
 
-class SyntheticSource:
-    """Stands in for a shard folder in run_training: loaders, dataset identity and table refreshes."""
+class SyntheticData:
+    """Stands in for a shard set in run_training (training.loop.ShardData): loaders, dataset
+    identity, and mining rounds that hand out same-label tables."""
 
     def __init__(self, num_samples: int = 64, num_classes: int = 4, seed: int = 0):
         self.num_samples, self.num_classes, self.seed = num_samples, num_classes, seed
         self.dataset_id = f"synthetic-{num_samples}-{num_classes}-{seed}"
 
-    def loader(self, cfg, rank: int, world_size: int, device):
+    def loader(self, cfg, rank: int, world_size: int, device, table_changes=None):
         return SyntheticPretrainLoader(self.num_samples, batch_size=cfg.batch_size, image_size=cfg.image_size,
                                        rank=rank, world_size=world_size, device=device, seed=cfg.seed,
                                        multires_sizes=cfg.multires_sizes, num_classes=self.num_classes)
 
-    def refresh(self, model, cfg, run_dir, epoch: int, device):
-        labels = np.arange(self.num_samples) % self.num_classes
-        table = label_table(labels, seed=cfg.seed + epoch, dataset_id=self.dataset_id)
-        path = Path(run_dir) / "tables" / f"table-epoch-{epoch:04d}.npz"
+    def mining(self, cfg, run_dir, device):
+        return _LabelMining(self, cfg, Path(run_dir))
+
+
+class _LabelMining:
+    def __init__(self, data: SyntheticData, cfg, run_dir: Path):
+        self.data, self.cfg, self.run_dir = data, cfg, run_dir
+
+    def __call__(self, model, epoch: int):
         from clim_fast import distributed as dist
 
+        labels = np.arange(self.data.num_samples) % self.data.num_classes
+        table = label_table(labels, seed=self.cfg.seed + epoch, dataset_id=self.data.dataset_id)
+        path = self.run_dir / "tables" / f"table-epoch-{epoch:04d}.npz"
         if dist.is_main():
             table.save(path)
         dist.barrier()
-        return table, path
+        return table, path, {"kind": "mine", "epoch": epoch, "table": str(path)}
+
+    def close(self) -> None:
+        pass

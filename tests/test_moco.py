@@ -32,7 +32,7 @@ def test_encoders_start_equal_and_head_is_mlp():
 
 
 def test_forward_matches_moco_equations():
-    """builder.py transcribed by hand: momentum update, keys, logits, labels, queue update."""
+    """builder.py transcribed by hand: momentum update, keys, loss against the queue, queue update."""
     torch.manual_seed(0)
     cfg = tiny_cfg(shuffle_bn=False)
     model = MoCo(cfg)
@@ -44,17 +44,17 @@ def test_forward_matches_moco_equations():
     queue0, m, T = model.queue.clone(), cfg.ema_momentum, cfg.temperature
 
     for _ in range(4):  # 4 x 8 keys through a queue of 24: the pointer wraps around
-        logits, labels = model(im_q, im_k)
+        loss, terms = model({"q": im_q, "k": im_k})
+        model.enqueue_keys()
         q = F.normalize(enc_q(im_q), dim=1)
         with torch.no_grad():
             for pq, pk in zip(enc_q.parameters(), enc_k.parameters()):
                 pk.data = pk.data * m + pq.data * (1.0 - m)
             k = F.normalize(enc_k(im_k), dim=1)
-        l_pos = (q * k).sum(1, keepdim=True)
-        l_neg = q @ queue0
-        expected = torch.cat([l_pos, l_neg], dim=1) / T
-        assert torch.allclose(logits, expected, atol=1e-5)
-        assert torch.equal(labels, torch.zeros(8, dtype=torch.long))
+        logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue0], dim=1) / T
+        expected = F.cross_entropy(logits, torch.zeros(8, dtype=torch.long))
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+        assert set(terms) == {"loss", "loss_moco"}
         queue0 = queue0.clone()
         start = (int(model.queue_ptr) - 8) % 24
         queue0[:, start:start + 8] = k.T
@@ -80,13 +80,16 @@ def test_queue_rejects_a_batch_that_does_not_divide_it():
     model = MoCo(tiny_cfg(queue_size=20))
     with pytest.raises(ValueError, match="multiple"):
         model.dequeue_and_enqueue(torch.randn(8, 128))
+    with pytest.raises(RuntimeError, match="without a forward"):
+        model.enqueue_keys()
 
 
 def test_single_process_shuffle_bn_is_grouped_batchnorm_on_a_permutation():
     torch.manual_seed(2)
     model = MoCo(tiny_cfg(shuffle_bn_groups=4)).train()
     x = torch.randn(8, 3, 16, 16)
-    keys = model.keys(x, torch.Generator().manual_seed(7))
+    model.shuffle_generator.manual_seed(7)
+    keys = model.keys(x)
     perm = torch.randperm(8, generator=torch.Generator().manual_seed(7))
     ref = torch.empty(8, 128)
     with torch.no_grad():
@@ -123,14 +126,14 @@ def test_clim_loss_formula():
 def test_key_features_are_normalised_eval_mode_and_restore_mode():
     model = MoCo(tiny_cfg()).train()
     x = torch.randn(4, 3, 16, 16)
-    head, back = model.key_features(x, "head"), model.backbone_features(x)
+    head, back = model.key_features(x, "head"), model.key_features(x, "backbone")
     assert head.shape == (4, 128) and back.shape == (4, 512)
     assert torch.allclose(head.norm(dim=1), torch.ones(4), atol=1e-5)
     assert model.encoder_k.training
     with torch.no_grad():
         model.encoder_k.eval()
         ref = F.normalize(model.encoder_k.backbone(x[:1]), dim=1)
-    assert torch.allclose(model.backbone_features(x[:1]), ref, atol=1e-5)  # eval BN: batch-independent
+    assert torch.allclose(model.key_features(x[:1], "backbone"), ref, atol=1e-5)  # eval BN: batch-independent
 
 
 def _checkpoint(tmp_path, model, cfg, name="c.pt", epoch=1):

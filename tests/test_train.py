@@ -8,8 +8,10 @@ import torch
 from clim_fast.training.checkpoint import load_checkpoint, model_from_checkpoint
 from clim_fast.config import make_config
 from clim_fast.training.metrics import read_log
-from doubles import SyntheticSource, epoch_ids
-from clim_fast.training.loop import is_refresh_epoch, lr_at, run_training
+from dali_pipelines.epochs import epoch_share
+from doubles import SyntheticData
+from clim_fast.mining.rounds import is_refresh_epoch
+from clim_fast.training.loop import lr_at, run_training
 
 
 def tiny(preset="clim", **over):
@@ -19,14 +21,14 @@ def tiny(preset="clim", **over):
     return make_config(preset, values)
 
 
-class SigtermSource(SyntheticSource):
+class SigtermSource(SyntheticData):
     """Sends SIGTERM to this process after handing out batch `after` of epoch `epoch`."""
 
     def __init__(self, epoch, after, **kw):
         super().__init__(**kw)
         self.epoch, self.after = epoch, after
 
-    def loader(self, cfg, rank, world_size, device):
+    def loader(self, cfg, rank, world_size, device, table_changes=None):
         return _KillingLoader(super().loader(cfg, rank, world_size, device), self.epoch, self.after)
 
 
@@ -37,9 +39,9 @@ class _KillingLoader:
     def __len__(self):
         return len(self.inner)
 
-    def set_epoch(self, e):
+    def set_epoch(self, e, start_step=0):
         self.current = e
-        self.inner.set_epoch(e)
+        self.inner.set_epoch(e, start_step)
 
     def set_table(self, t):
         self.inner.set_table(t)
@@ -60,7 +62,7 @@ def _step_losses(run):
 
 def test_sigterm_saves_and_resume_matches_an_uninterrupted_run(tmp_path):
     cfg = tiny()
-    full = run_training(cfg, SyntheticSource(32), tmp_path / "full", progress=False)
+    full = run_training(cfg, SyntheticData(32), tmp_path / "full", progress=False)
     assert full.name == "last.pt"
 
     cut = tmp_path / "cut"
@@ -69,7 +71,7 @@ def test_sigterm_saves_and_resume_matches_an_uninterrupted_run(tmp_path):
     assert (ckpt["epoch"], ckpt["step"], ckpt["iteration"]) == (1, 3, 7)  # the signal lands while batch 2 is fetched; that step completes
     assert ckpt["table_path"].endswith("table-epoch-0001.npz")
     assert read_log(cut, "preempted")[0]["step"] == 3
-    run_training(cfg, SyntheticSource(32), cut, resume="auto", progress=False)
+    run_training(cfg, SyntheticData(32), cut, resume="auto", progress=False)
 
     a, b = _step_losses(tmp_path / "full"), _step_losses(cut)
     assert sorted(a) == sorted(b) == list(range(1, 9))
@@ -84,22 +86,23 @@ def test_sigterm_saves_and_resume_matches_an_uninterrupted_run(tmp_path):
     assert {"anchors_per_s", "data_wait", "lr", "gpu_mem_gb"} <= set(epochs[0])
 
 
-def _rank_main(rank, port, out, cfg, source):
-    from clim_fast import distributed as dist
-    from clim_fast.training.loop import Trainer
+def _rank_main(rank, port, out, cfg, data):
+    import clim_fast.training.loop as loop
+    from clim_fast.training.launch import Launch
 
     torch.set_num_threads(1)
-    dist.init_distributed(rank, 2, backend="gloo", master_port=port)
-    try:
-        trainer = Trainer(cfg, source, out, torch.device("cpu"), progress=False)
-        trainer.fit(None)
-        torch.save(trainer.model.state_dict(), out / f"rank{rank}.pt")
-    finally:
-        dist.cleanup()
+    save = loop.save
+
+    def save_every_rank(out, model, *args, **kwargs):  # keep each rank's final state for comparison
+        torch.save(model.state_dict(), out / f"rank{rank}.pt")
+        return save(out, model, *args, **kwargs)
+
+    loop.save = save_every_rank
+    loop.train_worker(rank, Launch(0, 2, 2, 0, "127.0.0.1", port), cfg, data, out, None, False, None)
 
 
-class RecordingSource(SyntheticSource):
-    def loader(self, cfg, rank, world_size, device):
+class RecordingSource(SyntheticData):
+    def loader(self, cfg, rank, world_size, device, table_changes=None):
         return _RecordingLoader(super().loader(cfg, rank, world_size, device), self.record_dir, rank)
 
 
@@ -134,7 +137,7 @@ def test_two_gloo_ranks_stay_identical_and_see_disjoint_samples(tmp_path):
     ids = [np.loadtxt(tmp_path / f"ids-rank{r}-epoch0.txt", dtype=np.int64).reshape(-1) for r in (0, 1)]
     assert len(ids[0]) == len(ids[1]) == 16
     assert not set(ids[0]) & set(ids[1])
-    assert sorted(np.concatenate(ids)) == sorted(epoch_ids(32, 8, 0, 1, cfg.seed, 0))
+    assert sorted(np.concatenate(ids)) == sorted(epoch_share(32, 8, 0, 1, cfg.seed, 0))
 
 
 def test_schedule_and_refresh_epochs():
@@ -153,13 +156,13 @@ def test_bad_setups_are_user_errors(tmp_path):
     from shards.errors import UserError
 
     with pytest.raises(UserError, match="queue_size"):
-        run_training(tiny(queue_size=12), SyntheticSource(32), tmp_path / "a", progress=False)
+        run_training(tiny(queue_size=12), SyntheticData(32), tmp_path / "a", progress=False)
     with pytest.raises(UserError, match="batch-size"):
-        run_training(tiny(batch_size=64, queue_size=64), SyntheticSource(32), tmp_path / "b", progress=False)
+        run_training(tiny(batch_size=64, queue_size=64), SyntheticData(32), tmp_path / "b", progress=False)
     (tmp_path / "c" / "checkpoints").mkdir(parents=True)
     (tmp_path / "c" / "checkpoints" / "x.pt").write_bytes(b"junk")
     with pytest.raises(UserError, match="x.pt"):
-        run_training(tiny(), SyntheticSource(32), tmp_path / "c", resume=tmp_path / "c" / "checkpoints" / "x.pt")
+        run_training(tiny(), SyntheticData(32), tmp_path / "c", resume=tmp_path / "c" / "checkpoints" / "x.pt")
 
 
 def test_a_few_epochs_on_real_images_lower_the_loss(shard_dir, tmp_path):

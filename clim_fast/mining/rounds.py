@@ -1,0 +1,123 @@
+"""Online mining during training: which epochs mine, and one round on every rank.
+
+Schedule: positives are used from `clim_start_epoch` on; a round runs at clim_start_epoch +
+j * mine_every (with an `init_table`, that table stands in for j = 0).
+
+A round: each rank encodes its share of the samples with the momentum encoder (centre crops,
+eval-mode BN), then `sharded.mine_round` (K-means, kNN, selection, table exchange). Rank 0 saves
+RUN/tables/table-epoch-XXXX.npz atomically. The feature loader is built once and reused by every
+round of the run.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from clim_fast import distributed as dd
+from clim_fast.features import check_coverage, encode_share, momentum_features
+from clim_fast.mining.select import clamp_sizes, format_stats, table_stats
+from clim_fast.mining.sharded import mine_round
+from dali_pipelines import FeatureLoader
+
+
+def positives_active(cfg, epoch: int) -> bool:
+    return cfg.uses_positives and epoch >= cfg.clim_start_epoch
+
+
+def is_refresh_epoch(cfg, epoch: int) -> bool:
+    """Mining epochs: clim_start_epoch + j * mine_every; with an init table, it replaces j = 0."""
+    if not positives_active(cfg, epoch):
+        return False
+    since = epoch - cfg.clim_start_epoch
+    return since % cfg.mine_every == 0 and not (cfg.init_table and since == 0)
+
+
+def table_path(run_dir: str | Path, epoch: int) -> Path:
+    return Path(run_dir) / "tables" / f"table-epoch-{epoch:04d}.npz"
+
+
+@torch.no_grad()
+def exact_block_search(queries: torch.Tensor, block: torch.Tensor, kk: int):
+    """Top-kk (fp32 sims, rows of block) of each query; ties by smaller row."""
+    sims, rows = [], []
+    for s in range(0, queries.shape[0], 4096):
+        scores = queries[s:s + 4096] @ block.T
+        top = scores.topk(kk, dim=1)
+        sims.append(top.values)
+        rows.append(top.indices)
+    return torch.cat(sims), torch.cat(rows)
+
+
+def faiss_block_search(queries: torch.Tensor, block: torch.Tensor, kk: int):
+    from clim_fast.mining.knn import knn_search
+
+    sims, rows = knn_search(queries.cpu().numpy(), block.cpu().numpy(), kk,
+                            query_ids=torch.full((queries.shape[0],), -1, dtype=torch.int64).numpy(), engine="faiss")
+    return torch.as_tensor(sims).to(queries.device), torch.as_tensor(rows).long().to(queries.device)
+
+
+class OnlineMining:
+    """The mining rounds of one training run (every rank constructs one and calls it together)."""
+
+    def __init__(self, cfg, dataset, run_dir: str | Path, device: torch.device):
+        self.cfg, self.dataset, self.run_dir, self.device = cfg, dataset, Path(run_dir), device
+        self.rank, self.world = dd.get_rank(), dd.get_world_size()
+        self._loader = None
+
+    def loader(self) -> FeatureLoader:
+        if self._loader is None:
+            self._loader = FeatureLoader(self.dataset, batch_size=self.cfg.batch_size, image_size=self.cfg.image_size,
+                                         rank=self.rank, world_size=self.world, device=self.device,
+                                         workers=self.cfg.workers, threads=self.cfg.dali_threads)
+        return self._loader
+
+    def __call__(self, model, epoch: int):
+        """One round. Returns (NeighbourTable, its path, the round's log record) on every rank."""
+        cfg, n = self.cfg, self.dataset.num_samples
+        clusters, k, warnings = clamp_sizes(n, cfg.clusters, cfg.knn_k)
+        t0 = time.perf_counter()
+        failure, feats = None, None
+        try:
+            feats, ids, labels = encode_share(momentum_features(model, cfg.mine_feature, self.device, cfg.precision),
+                                              self.loader())
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+            failure = e
+        dd.raise_if_any_failed(failure, "mining (feature pass)")
+        check_coverage(ids, n)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        feature_s = time.perf_counter() - t0
+        search = faiss_block_search if cfg.mine_engine == "faiss" else exact_block_search
+        has_labels = bool(dd.all_reduce_sum(torch.tensor([int((labels < 0).sum())])).item() == 0)
+        table, fallback, nearest, all_labels, timings = mine_round(
+            feats.to(self.device), ids, labels if has_labels else None, n, clusters=clusters, k=k,
+            seed=cfg.seed + epoch, search=search)
+        del feats
+        if self.device.type == "cuda":  # hand the search blocks' cache back to training
+            torch.cuda.empty_cache()
+        table.meta = dict(dataset_id=self.dataset.dataset_id, num_samples=n, epoch=int(epoch), feature=cfg.mine_feature,
+                          checkpoint="", arch=cfg.arch, image_size=cfg.image_size, clusters=int(clusters), k=int(k),
+                          engine="faiss" if cfg.mine_engine == "faiss" else "torch", seed=cfg.seed + epoch,
+                          world_size=self.world, warnings=warnings)
+        stats = table_stats(table, fallback, clusters, all_labels, nearest)
+        table.meta["stats"] = stats
+        path = table_path(self.run_dir, epoch)
+        t1 = time.perf_counter()
+        if self.rank == 0:
+            table.save(path)
+            for w in warnings:
+                print(f"mining warning: {w}", file=sys.stderr, flush=True)
+            print(f"mined epoch {epoch}: {format_stats(stats)} -> {path}", file=sys.stderr, flush=True)
+        dd.barrier()
+        timings["save_s"] = time.perf_counter() - t1
+        record = dict(kind="mine", epoch=int(epoch), table=str(path), feature_s=feature_s, **timings, **stats)
+        return table, path, record
+
+    def close(self) -> None:
+        if self._loader is not None:
+            self._loader.close()
+            self._loader = None

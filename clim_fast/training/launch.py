@@ -1,0 +1,92 @@
+"""Where each training process comes from: torchrun / SLURM ranks, `--gpus N` (or `--cpu-procs P`)
+workers spawned here, or this process alone.
+
+A spawned worker that fails with a UserError sends its one-line message back through a queue, and
+the launching process raises the same UserError; any other failure stops every worker.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.multiprocessing as mp
+
+from clim_fast import distributed as dist
+from shards.errors import UserError
+
+
+@dataclass(frozen=True)
+class Launch:
+    """The job's shape as seen by this process."""
+
+    gpus: int  # GPUs per process group member on this node (0: CPU, gloo)
+    local_procs: int  # processes this launch starts here (1 when torchrun / SLURM started us)
+    world_size: int
+    first_rank: int  # rank of local process 0
+    master_addr: str
+    master_port: int
+    launched_by: dist.LaunchEnv | None = None
+
+    def device(self, local_rank: int) -> torch.device:
+        if self.gpus == 0:
+            return torch.device("cpu")
+        return torch.device("cuda", self.launched_by.local_rank if self.launched_by else local_rank)
+
+
+def plan_launch(*, gpus: int, cpu_procs: int, nnodes: int = 1, node_rank: int = 0, master_addr: str | None = None,
+                master_port: int | None = None) -> Launch:
+    launched = dist.detect_launcher()
+    if gpus < 0 or cpu_procs < 1:
+        raise UserError("--gpus must be >= 0 and --cpu-procs >= 1")
+    if launched is not None:
+        launch = Launch(gpus, 1, launched.world_size, launched.rank, launched.master_addr, launched.master_port,
+                        launched)
+    else:
+        procs = gpus if gpus > 0 else cpu_procs
+        launch = Launch(gpus, procs, procs * nnodes, node_rank * procs, master_addr or "127.0.0.1",
+                        master_port or (dist.free_port() if nnodes == 1 else 29500))
+    if gpus > 0:
+        want = launched.local_rank + 1 if launched else gpus
+        if torch.cuda.device_count() < want:
+            raise UserError(f"--gpus {gpus}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    return launch
+
+
+def spawn(launch: Launch, worker, *args) -> None:
+    """Start `worker(local_rank, *args, errors)` in `launch.local_procs` processes and wait. The
+    worker reports a UserError through `errors` (see `user_errors_to`); it is raised here."""
+    errors = mp.get_context("spawn").SimpleQueue()
+    ctx = mp.start_processes(worker, args=(*args, errors), nprocs=launch.local_procs, join=False,
+                             start_method="spawn")
+
+    def forward(signum, frame):  # let every worker save and stop
+        for p in ctx.processes:
+            if p.is_alive():
+                os.kill(p.pid, signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while not ctx.join():
+            pass
+    except (mp.ProcessRaisedException, mp.ProcessExitedException):
+        if not errors.empty():
+            raise UserError(errors.get()) from None
+        raise
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+@contextmanager
+def user_errors_to(errors):
+    """In a spawned worker: pass a UserError's message to the launching process, then fail."""
+    try:
+        yield
+    except UserError as e:
+        if errors is not None:
+            errors.put(str(e))
+        raise
