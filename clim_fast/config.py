@@ -29,6 +29,7 @@ class Config:
     crop_min_scale: float = 0.2  # RandomResizedCrop lower scale bound (MoCo v2: 0.2)
     # model (MoCo v2)
     arch: str = "resnet50"
+    width: int = 64  # channels of the first ResNet stage (torchvision: 64); stages are width x 1/2/4/8
     feat_dim: int = 128
     queue_size: int = 65536
     ema_momentum: float = 0.999
@@ -77,7 +78,7 @@ class Config:
             raise UserError(f"config: mine_engine must be auto, faiss or torch, got {self.mine_engine!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise UserError(f"config: precision must be auto, bf16 or fp32, got {self.precision!r}")
-        for name in ("image_size", "batch_size", "epochs", "queue_size", "clusters", "knn_k", "mine_every"):
+        for name in ("image_size", "batch_size", "epochs", "queue_size", "clusters", "knn_k", "mine_every", "width"):
             if getattr(self, name) <= 0:
                 raise UserError(f"config: {name} must be positive, got {getattr(self, name)}")
         if not 0 < self.crop_min_scale <= 1:
