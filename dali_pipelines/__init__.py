@@ -9,7 +9,7 @@ _EXPORTS = {
     "eval_share": "dali_pipelines.epochs",
     "PretrainLoader": "dali_pipelines.pretrain",
     "FeatureLoader": "dali_pipelines.center",
-    "LinearLoader": "dali_pipelines.linear",
+    "LinearTrainLoader": "dali_pipelines.linear",
 }
 
 __all__ = sorted(_EXPORTS)

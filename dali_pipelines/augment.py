@@ -70,17 +70,23 @@ def moco_views(image_size: int, extra_sizes: tuple[int, ...] = (),
 
 def rrc_window(rng: np.random.Generator, width: int, height: int, scale=MOCO_SCALE,
                ratio=RATIO) -> tuple[int, int, int, int]:
-    """torchvision.transforms.RandomResizedCrop.get_params with numpy draws: (top, left, h, w)."""
+    """torchvision.transforms.RandomResizedCrop.get_params with numpy draws: (top, left, h, w).
+
+    `lo + (hi - lo) * rng.random()` is exactly what `rng.uniform(lo, hi)` computes (numpy's
+    `random_uniform`), at a third of the call cost; `rng.integers(n)` is `rng.integers(0, n)`."""
     area = height * width
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    log_lo = math.log(ratio[0])
+    log_span = math.log(ratio[1]) - log_lo
+    scale_lo, scale_span = scale[0], scale[1] - scale[0]
+    random = rng.random
     for _ in range(10):
-        target_area = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        target_area = area * (scale_lo + scale_span * random())
+        aspect = math.exp(log_lo + log_span * random())
         w = int(round(math.sqrt(target_area * aspect)))
         h = int(round(math.sqrt(target_area / aspect)))
         if 0 < w <= width and 0 < h <= height:
-            top = int(rng.integers(0, height - h + 1))
-            left = int(rng.integers(0, width - w + 1))
+            top = int(rng.integers(height - h + 1))
+            left = int(rng.integers(width - w + 1))
             return top, left, h, w
     in_ratio = width / height
     if in_ratio < min(ratio):
@@ -94,34 +100,52 @@ def rrc_window(rng: np.random.Generator, width: int, height: int, scale=MOCO_SCA
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+_B, _C, _S, _H = JITTER
+# (low, high - low) exactly as `Generator.uniform(low, high)` computes them, in float64
+_JITTER_LO = np.array([1 - _B, 1 - _C, 1 - _S])
+_JITTER_SPAN = np.array([(1 + _B) - (1 - _B), (1 + _C) - (1 - _C), (1 + _S) - (1 - _S)])
+_HUE_LO, _HUE_SPAN = -_H, _H - (-_H)
+_BLUR_LO, _BLUR_SPAN = BLUR_SIGMA_RANGE[0], BLUR_SIGMA_RANGE[1] - BLUR_SIGMA_RANGE[0]
+
+
+def _draw_view_into(rng: np.random.Generator, width: int, height: int, spec: ViewSpec, p: np.ndarray) -> int:
+    """Fill one zeroed parameter row `p` in aug_plus order (crop, jitter, gray, blur, flip); returns
+    the flip flag. Every draw is the one `uniform`/`integers` would make, in the same order: the
+    four jitter factors are one `rng.random(4)` (the same four doubles, scaled in float64 as
+    `uniform` does, then stored as float32) and the hue is drawn in turns, then scaled by 360."""
+    top, left, h, w = rrc_window(rng, width, height, spec.scale, spec.ratio)
+    p[0] = top / height
+    p[1] = left / width
+    p[2] = (top + h) / height
+    p[3] = (left + w) / width
+    p[BRIGHTNESS] = p[CONTRAST] = p[SATURATION] = 1.0
+    if spec.color:
+        random = rng.random
+        if random() < JITTER_P:
+            u = rng.random(4)
+            p[BRIGHTNESS:HUE_DEG] = _JITTER_LO + _JITTER_SPAN * u[:3]
+            p[HUE_DEG] = (_HUE_LO + _HUE_SPAN * u[3]) * 360.0
+        if random() < GRAY_P:
+            p[SATURATION] = 0.0
+        if random() < BLUR_P:
+            p[BLUR_SIGMA] = _BLUR_LO + _BLUR_SPAN * random()
+    return int(rng.random() < FLIP_P)
+
+
 def draw_view(rng: np.random.Generator, width: int, height: int, spec: ViewSpec) -> tuple[np.ndarray, int]:
     """One view's parameter row and flip flag, drawn in aug_plus order: crop, jitter, gray, blur, flip."""
     p = np.zeros(PARAMS_PER_VIEW, np.float32)
-    top, left, h, w = rrc_window(rng, width, height, spec.scale, spec.ratio)
-    p[ROI] = (top / height, left / width, (top + h) / height, (left + w) / width)
-    p[[BRIGHTNESS, CONTRAST, SATURATION, HUE_DEG]] = (1.0, 1.0, 1.0, 0.0)
-    if spec.color:
-        if rng.random() < JITTER_P:
-            b, c, s, hue = JITTER
-            p[BRIGHTNESS] = rng.uniform(1 - b, 1 + b)
-            p[CONTRAST] = rng.uniform(1 - c, 1 + c)
-            p[SATURATION] = rng.uniform(1 - s, 1 + s)
-            p[HUE_DEG] = rng.uniform(-hue, hue) * 360.0
-        if rng.random() < GRAY_P:
-            p[SATURATION] = 0.0
-        if rng.random() < BLUR_P:
-            p[BLUR_SIGMA] = rng.uniform(*BLUR_SIGMA_RANGE)
-    flip = int(rng.random() < FLIP_P)
+    flip = _draw_view_into(rng, width, height, spec, p)
     return p, flip
 
 
 def draw_views(rng: np.random.Generator, width: int, height: int,
                specs: tuple[ViewSpec, ...]) -> tuple[np.ndarray, np.ndarray]:
     """Parameters of several views cut from one decoded image: float32[V, 9], int32[V]."""
-    params = np.empty((len(specs), PARAMS_PER_VIEW), np.float32)
+    params = np.zeros((len(specs), PARAMS_PER_VIEW), np.float32)
     flips = np.empty(len(specs), np.int32)
     for v, spec in enumerate(specs):
-        params[v], flips[v] = draw_view(rng, width, height, spec)
+        flips[v] = _draw_view_into(rng, width, height, spec, params[v])
     return params, flips
 
 

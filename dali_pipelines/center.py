@@ -1,4 +1,5 @@
-"""The centre-crop graph: feature extraction for mining and kNN, and linear-evaluation val.
+"""The centre-crop graph and `FeatureLoader`: feature extraction for mining and kNN, and
+linear-evaluation val.
 
 The view is torchvision's Resize(round(S * 256 / 224)) + CenterCrop(S), done as one resize of the
 crop's ROI (the same sampling grid, one pass over the pixels).
@@ -16,53 +17,90 @@ import nvidia.dali.types as types
 from nvidia.dali import pipeline_def
 
 from dali_pipelines.epochs import PAD_ID, eval_share
-from dali_pipelines.loader import DaliLoader, split_meta
+from dali_pipelines.external import IdListSource, ShardReader
+from dali_pipelines.loader import BatchStream, Settings, as_dataset
 from dali_pipelines.ops import center_view, decode
-from dali_pipelines.external import IdListSource
+from shards.errors import UserError
 
 
 @pipeline_def
 def center_graph(source, image_size, gpu, dali_dtype, parallel):
     jpeg, roi, meta = fn.external_source(source=source, num_outputs=3, batch=False, parallel=parallel,
                                          dtype=[types.UINT8, types.FLOAT, types.INT64])
-    return center_view(decode(jpeg, gpu), roi, image_size, dali_dtype), meta
+    return center_view(decode(jpeg, gpu), roi, image_size, dali_dtype), meta.gpu() if gpu else meta
 
 
-class CenterCropLoader(DaliLoader):
-    """Every sample of the rank's share once, resized and centre-cropped: `image`, `id`, `label`.
+class FeatureLoader:
+    """Every sample of the rank's share once per pass, resized and centre-cropped: `image`, `id`,
+    `label`. Also the linear-evaluation val loader. `batch_size` is global; each rank reads
+    ceil(batch_size / world_size) per step.
 
-    `batch_size` is global; each rank reads ceil(batch_size / world_size) per step."""
+    The pipeline persists across passes (mining runs one every few epochs): the source cycles
+    through the same ids, so the next pass is already being prefetched. `set_epoch` is accepted
+    (and ignored) so train and val loaders are driven alike.
+    """
 
-    epoch_dependent = False
-
-    def __init__(self, shards_dir, *, batch_size: int, image_size: int, rank: int = 0, world_size: int = 1,
+    def __init__(self, dataset, *, batch_size: int, image_size: int, rank: int = 0, world_size: int = 1,
                  device=torch.device("cpu"), workers: int = 2, threads: int = 2,
                  dtype: torch.dtype = torch.float32):
-        super().__init__(shards_dir, batch_size=batch_size, rank=rank, world_size=world_size, device=device,
-                         workers=workers, threads=threads, dtype=dtype)
+        self.dataset = as_dataset(dataset)
+        self.num_samples = self.dataset.num_samples
+        self.global_batch, self.rank, self.world_size = int(batch_size), int(rank), int(world_size)
+        if not 0 <= self.rank < self.world_size:
+            raise UserError(f"rank {rank}: outside 0..{world_size - 1}")
+        if self.global_batch <= 0:
+            raise UserError(f"batch size {batch_size} must be positive")
+        self.settings = Settings(device, dtype, workers, threads)
         self.image_size = int(image_size)
         self.local_batch = max(1, -(-self.global_batch // self.world_size))
         self.ids = eval_share(self.num_samples, self.local_batch, self.rank, self.world_size)
         self.num_valid = int((self.ids != PAD_ID).sum())
+        self.steps = len(self.ids) // self.local_batch
+        self._reader = ShardReader(self.dataset)
+        self._stream: BatchStream | None = None
 
-    def _steps(self) -> int:
-        return len(self.ids) // self.local_batch
+    def __len__(self) -> int:
+        return self.steps
 
-    def _build(self, start_epoch: int):
-        source = IdListSource(self.shards_dir, self.ids, self.image_size)
-        pipe = center_graph(source, self.image_size, self.device_id is not None, self.dali_dtype,
-                            self.workers > 0, **self.pipeline_kwargs(self.local_batch))
-        return pipe, ("image", "meta")
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        pass
 
-    def _batch(self, named: dict) -> dict:
-        named = split_meta(named)
+    def __iter__(self):
+        stream = self._stream
+        if stream is None or stream.broken or stream.next_step % self.steps:
+            self.close()  # a pass abandoned half-way: start a fresh stream at the first id
+            stream = self._stream = self._build()
+        for _ in range(self.steps):
+            yield self._finish(stream.next())
+
+    def _build(self) -> BatchStream:
+        source = IdListSource(self._reader, self.ids, self.image_size)
+        s = self.settings
+        pipe = center_graph(source, self.image_size, s.gpu, s.dali_dtype, s.parallel,
+                            **s.pipeline_kwargs(self.local_batch, 2))
+        return BatchStream(pipe, ("image", "meta"), s, first_step=0, depth=2, source=source,
+                           local_batch=self.local_batch, dataset=self.dataset)
+
+    def _finish(self, named: dict) -> dict:
+        named = self.settings.finish(named)
         valid = int((named["id"] != PAD_ID).sum())  # padding only ever trails
         if valid < len(named["id"]):
             named = {key: value[:valid] for key, value in named.items()}
-        if self.dtype == torch.bfloat16:
-            named["image"] = named["image"].to(torch.bfloat16)
         return named
 
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
 
-class FeatureLoader(CenterCropLoader):
-    """Feature extraction: every sample once, in id order within the rank's share."""
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,13 +1,26 @@
 """Per-sample external sources of the DALI graphs (run inside DALI's spawned worker processes).
 
-Pure numpy + the shard reader: a source object is pickled into every worker, so it carries only
-paths and small arrays; the shard mmaps and the neighbour table (an .npy pair, mmapped) are
-opened lazily on first use inside each worker. `__call__(sample_info)` maps the position in the
-epoch to a sample id through the rank's share and raises StopIteration at the share's end.
+Pure numpy: a source object is pickled into every worker, so it carries only paths and a few
+numbers; the per-sample index, the tar mmaps and the neighbour tables (.npy pairs) are opened
+lazily on first use inside each worker.
+
+Every source is an endless stream: DALI's sample index `idx_in_epoch` never resets (the loaders
+never call `pipe.reset()`), and the source maps `start + idx` to (epoch, position) through the
+rank's share. DALI therefore keeps prefetching across epoch boundaries, and a loader that starts
+mid-epoch starts the stream there (nothing before it is read or decoded).
+
+Neighbour tables change between epochs while the stream runs: the loader publishes, per epoch, a
+small pointer file `epoch-XXXXXXXX` in the stream's folder naming the table folder to use. A
+worker that reaches an epoch whose pointer is not there yet waits for it (the loader publishes it
+when that epoch starts, after `set_table`); the pointer folder disappearing means the loader
+closed the stream.
 """
 
 from __future__ import annotations
 
+import mmap
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,58 +29,135 @@ from dali_pipelines.augment import ViewSpec, center_crop_roi, draw_views, sample
 from dali_pipelines.epochs import PAD_ID, epoch_share
 
 ANCHOR_STREAM, POSITIVE_STREAM = 0, 1
+POLL_S = 0.005
 
 
-class _ShardReader:
-    """Lazily opened shards; dropped on pickle so each worker maps its own."""
+class ShardReader:
+    """JPEG bytes, label and size of any sample id: the shard folder's `samples.npy` (mmapped) and
+    its tars (mmapped), opened lazily and dropped on pickle, so each worker maps its own."""
 
-    def __init__(self, shards_dir: str | Path):
-        self.shards_dir = str(shards_dir)
-        self._ds = None
+    def __init__(self, dataset):
+        self.samples_path = str(Path(dataset.root) / "samples.npy")
+        self.tar_paths = [str(p) for p in dataset.tar_paths]
+        self._index = None
+        self._maps = None
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        for name in self._lazy_fields():
-            state[name] = None
+        state["_index"] = state["_maps"] = None
         return state
 
-    def _lazy_fields(self) -> tuple[str, ...]:
-        return ("_ds",)
+    def _open(self):
+        index = np.load(self.samples_path, mmap_mode="r", allow_pickle=False)
+        # strided views of the mmap: no copy per worker
+        self._cols = {name: index[name] for name in ("shard", "offset", "size", "label", "width", "height")}
+        self._maps = [None] * len(self.tar_paths)
+        self._index = index
 
-    @property
-    def dataset(self):
-        if self._ds is None:
-            from shards import ShardDataset
+    def _map(self, shard: int):
+        mapped = self._maps[shard]
+        if mapped is None:
+            with open(self.tar_paths[shard], "rb") as f:
+                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self._maps[shard] = mapped
+        return mapped
 
-            self._ds = ShardDataset(self.shards_dir)
-        return self._ds
+    def jpeg(self, sid: int) -> np.ndarray:
+        """A zero-copy uint8 view of the stored JPEG."""
+        if self._index is None:
+            self._open()
+        c = self._cols
+        return np.frombuffer(self._map(int(c["shard"][sid])), dtype=np.uint8, count=int(c["size"][sid]),
+                             offset=int(c["offset"][sid]))
 
-    def size_of(self, sample_id: int) -> tuple[int, int]:
-        row = self.dataset.index[sample_id]
-        return int(row["width"]), int(row["height"])
+    def label(self, sid: int) -> int:
+        if self._index is None:
+            self._open()
+        return int(self._cols["label"][sid])
+
+    def size_of(self, sid: int) -> tuple[int, int]:
+        if self._index is None:
+            self._open()
+        return int(self._cols["width"][sid]), int(self._cols["height"][sid])
 
 
-class AugmentSource(_ShardReader):
+def epoch_pointer(folder: str | Path, epoch: int) -> Path:
+    return Path(folder) / f"epoch-{int(epoch):08d}"
+
+
+def publish_table(folder: str | Path, epoch: int, table_folder: str) -> None:
+    """Tell the stream's workers which table folder `epoch` uses (atomic: write, then rename)."""
+    target = epoch_pointer(folder, epoch)
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text(table_folder)
+    os.replace(tmp, target)
+
+
+class TableBook:
+    """Worker side of the per-epoch tables: positives/counts of the table published for an epoch,
+    mmapped once per table folder."""
+
+    def __init__(self, pointers_dir: str):
+        self.pointers_dir = pointers_dir
+        self._epoch, self._table, self._open = None, None, {}
+
+    def __getstate__(self):
+        return {"pointers_dir": self.pointers_dir}
+
+    def __setstate__(self, state):
+        self.__init__(state["pointers_dir"])
+
+    def table(self, epoch: int, wait: bool = True) -> tuple[np.ndarray, np.ndarray] | None:
+        if self._epoch != epoch:
+            pointer = epoch_pointer(self.pointers_dir, epoch)
+            while not pointer.exists():  # the loader publishes it when `epoch` starts
+                if not wait:
+                    return None
+                if not os.path.isdir(self.pointers_dir):
+                    raise RuntimeError(f"{self.pointers_dir}: the loader was closed")
+                time.sleep(POLL_S)
+            folder = pointer.read_text()
+            if folder not in self._open:
+                if len(self._open) >= 2:  # at most the old and the new table of a swap
+                    self._open.clear()
+                self._open[folder] = (np.load(Path(folder) / "positives.npy", mmap_mode="r"),
+                                      np.load(Path(folder) / "counts.npy", mmap_mode="r"))
+            self._epoch, self._table = epoch, self._open[folder]
+        return self._table
+
+
+def draw_positive(rng: np.random.Generator, positives: np.ndarray, counts: np.ndarray, anchor_id: int) -> int:
+    """One positive drawn uniformly from the anchor's table row."""
+    return int(positives[anchor_id, rng.integers(int(counts[anchor_id]))])
+
+
+class AugmentSource:
     """Anchor (and, with a table, positive) JPEG bytes plus the parameters of every view.
 
     Outputs per sample: anchor jpeg uint8[n], anchor params float32[Va, 9], anchor flips int32[Va],
     meta int64[2] (id, label); with positive views also positive jpeg, params, flips and
     pos_id int64[1]. Every draw is seeded by (seed, epoch, anchor id, stream).
+
+    Sample `idx` of the stream is position `(start + idx) % share_len` of epoch
+    `(start + idx) // share_len`, where `share_len` = steps per epoch x the rank's batch.
     """
 
-    def __init__(self, shards_dir, *, num_samples: int, global_batch: int, rank: int, world_size: int,
-                 seed: int, start_epoch: int, anchor_views: tuple[ViewSpec, ...],
-                 positive_views: tuple[ViewSpec, ...] = (), table_dir: str | None = None):
-        super().__init__(shards_dir)
-        if positive_views and table_dir is None:
-            raise ValueError("positive views need a neighbour table")
+    def __init__(self, reader: ShardReader, *, num_samples: int, global_batch: int, rank: int, world_size: int,
+                 seed: int, start: int, anchor_views: tuple[ViewSpec, ...],
+                 positive_views: tuple[ViewSpec, ...] = (), tables: TableBook | None = None):
+        if positive_views and tables is None:
+            raise ValueError("positive views need neighbour tables")
+        self.reader = reader
         self.num_samples, self.global_batch = num_samples, global_batch
-        self.rank, self.world_size, self.seed, self.start_epoch = rank, world_size, seed, start_epoch
-        self.anchor_views, self.positive_views, self.table_dir = anchor_views, positive_views, table_dir
-        self._share, self._share_epoch, self._table = None, None, None
+        self.rank, self.world_size, self.seed, self.start = rank, world_size, seed, start
+        self.share_len = (num_samples // global_batch) * global_batch // world_size
+        self.anchor_views, self.positive_views, self.tables = anchor_views, positive_views, tables
+        self._share, self._share_epoch = None, None
 
-    def _lazy_fields(self):
-        return ("_ds", "_share", "_share_epoch", "_table")
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_share"] = state["_share_epoch"] = None
+        return state
 
     def share(self, epoch: int) -> np.ndarray:
         if self._share_epoch != epoch:
@@ -76,49 +166,61 @@ class AugmentSource(_ShardReader):
             self._share_epoch = epoch
         return self._share
 
-    def table(self) -> tuple[np.ndarray, np.ndarray]:
-        if self._table is None:
-            folder = Path(self.table_dir)
-            self._table = (np.load(folder / "positives.npy", mmap_mode="r"),
-                           np.load(folder / "counts.npy", mmap_mode="r"))
-        return self._table
+    def locate(self, idx: int) -> tuple[int, int]:
+        """(epoch, position in the rank's share) of stream sample `idx`."""
+        return divmod(self.start + idx, self.share_len)
 
-    def draw_positive(self, rng: np.random.Generator, anchor_id: int) -> int:
-        positives, counts = self.table()
-        return int(positives[anchor_id, rng.integers(int(counts[anchor_id]))])
+    def anchor(self, epoch: int, pos: int) -> int:
+        return int(self.share(epoch)[pos])
+
+    def positive(self, epoch: int, sid: int) -> tuple[int, np.random.Generator]:
+        positives, counts = self.tables.table(epoch)
+        rng = sample_rng(self.seed, epoch, sid, POSITIVE_STREAM)
+        return draw_positive(rng, positives, counts, sid), rng
+
+    def sample_ids(self, lo: int, hi: int) -> list[int]:
+        """Anchor and positive ids of stream samples lo..hi-1 (error messages; never waits)."""
+        out = []
+        for idx in range(lo, hi):
+            epoch, pos = self.locate(idx)
+            sid = self.anchor(epoch, pos)
+            out.append(sid)
+            table = self.tables.table(epoch, wait=False) if self.positive_views else None
+            if table is not None:
+                rng = sample_rng(self.seed, epoch, sid, POSITIVE_STREAM)
+                out.append(draw_positive(rng, *table, sid))
+        return out
 
     def __call__(self, sample_info):
-        epoch = self.start_epoch + sample_info.epoch_idx
-        share = self.share(epoch)
-        if sample_info.idx_in_epoch >= len(share):
-            raise StopIteration
-        sid = int(share[sample_info.idx_in_epoch])
-        ds = self.dataset
-        params, flips = draw_views(sample_rng(self.seed, epoch, sid, ANCHOR_STREAM), *self.size_of(sid),
+        epoch, pos = self.locate(sample_info.idx_in_epoch)
+        sid = self.anchor(epoch, pos)
+        reader = self.reader
+        params, flips = draw_views(sample_rng(self.seed, epoch, sid, ANCHOR_STREAM), *reader.size_of(sid),
                                    self.anchor_views)
-        out = (ds.jpeg(sid), params, flips, np.array([sid, ds.labels[sid]], np.int64))
+        out = (reader.jpeg(sid), params, flips, np.array([sid, reader.label(sid)], np.int64))
         if self.positive_views:
-            rng = sample_rng(self.seed, epoch, sid, POSITIVE_STREAM)
-            pid = self.draw_positive(rng, sid)
-            pparams, pflips = draw_views(rng, *self.size_of(pid), self.positive_views)
-            out += (ds.jpeg(pid), pparams, pflips, np.array([pid], np.int64))
+            pid, rng = self.positive(epoch, sid)
+            pparams, pflips = draw_views(rng, *reader.size_of(pid), self.positive_views)
+            out += (reader.jpeg(pid), pparams, pflips, np.array([pid], np.int64))
         return out
 
 
-class IdListSource(_ShardReader):
-    """A fixed id list (an `eval_share`): jpeg uint8[n], centre-crop ROI float32[4], meta int64[2]
-    (id or PAD_ID, label). Padding slots repeat sample 0 (dropped on the torch side)."""
+class IdListSource:
+    """A fixed id list (an `eval_share`) read over and over: jpeg uint8[n], centre-crop ROI
+    float32[4], meta int64[2] (id or PAD_ID, label). Padding slots repeat sample 0 (dropped on the
+    torch side)."""
 
-    def __init__(self, shards_dir, ids: np.ndarray, image_size: int):
-        super().__init__(shards_dir)
+    def __init__(self, reader: ShardReader, ids: np.ndarray, image_size: int):
+        self.reader = reader
         self.ids = np.asarray(ids, np.int64)
         self.image_size = image_size
 
+    def sample_ids(self, lo: int, hi: int) -> list[int]:
+        return [int(self.ids[idx % len(self.ids)]) for idx in range(lo, hi)]
+
     def __call__(self, sample_info):
-        if sample_info.idx_in_epoch >= len(self.ids):
-            raise StopIteration
-        sid = int(self.ids[sample_info.idx_in_epoch])
-        ds = self.dataset
-        meta = np.array([sid, ds.labels[sid]] if sid != PAD_ID else [PAD_ID, -1], np.int64)
+        sid = int(self.ids[sample_info.idx_in_epoch % len(self.ids)])
+        reader = self.reader
+        meta = np.array([sid, reader.label(sid)] if sid != PAD_ID else [PAD_ID, -1], np.int64)
         sid = max(sid, 0)
-        return ds.jpeg(sid), center_crop_roi(*self.size_of(sid), self.image_size), meta
+        return reader.jpeg(sid), center_crop_roi(*reader.size_of(sid), self.image_size), meta

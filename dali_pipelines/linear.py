@@ -1,5 +1,5 @@
-"""Linear-evaluation loaders: train = RandomResizedCrop(0.08-1) + flip over the drop-last epoch
-share; val = resize + centre crop over every sample once."""
+"""Linear-evaluation training loader: RandomResizedCrop(0.08-1) + flip over the drop-last epoch
+share (the val side is `center.FeatureLoader`)."""
 
 from __future__ import annotations
 
@@ -7,46 +7,76 @@ import torch
 
 from dali_pipelines.augment import LINEAR_SCALE, ViewSpec
 from dali_pipelines.epochs import check_batch, steps_per_epoch
-from dali_pipelines.center import CenterCropLoader
-from dali_pipelines.loader import DaliLoader, split_meta
+from dali_pipelines.external import AugmentSource, ShardReader
+from dali_pipelines.loader import BatchStream, Settings, as_dataset
 from dali_pipelines.pretrain import augment_graph
-from dali_pipelines.external import AugmentSource
+from shards.errors import UserError
 
 
-class _LinearTrainLoader(DaliLoader):
-    def __init__(self, shards_dir, *, batch_size, image_size, rank, world_size, device, seed, workers, threads,
-                 dtype):
-        super().__init__(shards_dir, batch_size=batch_size, rank=rank, world_size=world_size, device=device,
-                         workers=workers, threads=threads, dtype=dtype)
+class LinearTrainLoader:
+    """Yields `image`, `id`, `label` for one rank; `batch_size` is global. `set_epoch(e,
+    start_step=0)` then iterate; the pipeline streams on from one epoch into the next."""
+
+    def __init__(self, dataset, *, batch_size: int, image_size: int, rank: int = 0, world_size: int = 1,
+                 device=torch.device("cpu"), seed: int = 0, workers: int = 2, threads: int = 2,
+                 dtype: torch.dtype = torch.float32):
+        self.dataset = as_dataset(dataset)
+        self.num_samples = self.dataset.num_samples
+        self.global_batch, self.rank, self.world_size = int(batch_size), int(rank), int(world_size)
         self.local_batch = check_batch(self.num_samples, self.global_batch, self.world_size)
+        if not 0 <= self.rank < self.world_size:
+            raise UserError(f"rank {rank}: outside 0..{world_size - 1}")
+        self.settings = Settings(device, dtype, workers, threads)
         self.image_size, self.seed = int(image_size), int(seed)
         self.view = ViewSpec(self.image_size, LINEAR_SCALE, color=False)
+        self.steps = steps_per_epoch(self.num_samples, self.global_batch)
+        self.epoch, self.start_step = 0, 0
+        self._reader = ShardReader(self.dataset)
+        self._stream: BatchStream | None = None
 
-    def _steps(self) -> int:
-        return steps_per_epoch(self.num_samples, self.global_batch)
+    def __len__(self) -> int:
+        return self.steps
 
-    def _build(self, start_epoch: int):
-        source = AugmentSource(self.shards_dir, num_samples=self.num_samples, global_batch=self.global_batch,
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        if not 0 <= start_step <= self.steps:
+            raise ValueError(f"start_step {start_step}: outside 0..{self.steps}")
+        self.epoch, self.start_step = int(epoch), int(start_step)
+
+    def __iter__(self):
+        epoch, step = self.epoch, self.start_step
+        target = epoch * self.steps + step
+        stream = self._stream
+        if stream is None or stream.broken or stream.next_step != target:
+            self.close()
+            stream = self._stream = self._build(target)
+        for _ in range(step, self.steps):
+            named = stream.next()
+            named["image"] = named.pop("q")
+            yield self.settings.finish(named)
+
+    def _build(self, first_step: int) -> BatchStream:
+        source = AugmentSource(self._reader, num_samples=self.num_samples, global_batch=self.global_batch,
                                rank=self.rank, world_size=self.world_size, seed=self.seed,
-                               start_epoch=start_epoch, anchor_views=(self.view,))
-        pipe = augment_graph(source, (self.view,), (), self.device_id is not None, self.dali_dtype,
-                             self.workers > 0, **self.pipeline_kwargs(self.local_batch))
-        return pipe, ("image", "meta")
+                               start=first_step * self.local_batch, anchor_views=(self.view,))
+        s = self.settings
+        pipe = augment_graph(source, (self.view,), (), s.gpu, s.dali_dtype, s.parallel,
+                             **s.pipeline_kwargs(self.local_batch, 2))
+        return BatchStream(pipe, ("q", "meta"), s, first_step=first_step, depth=2, source=source,
+                           local_batch=self.local_batch, dataset=self.dataset)
 
-    def _batch(self, named: dict) -> dict:
-        named = split_meta(named)
-        if self.dtype == torch.bfloat16:
-            named["image"] = named["image"].to(torch.bfloat16)
-        return named
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
 
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
 
-def LinearLoader(shards_dir, *, batch_size: int, image_size: int, train: bool, rank: int = 0, world_size: int = 1,
-                 device=torch.device("cpu"), seed: int = 0, workers: int = 2, threads: int = 2,
-                 dtype: torch.dtype = torch.float32) -> DaliLoader:
-    """Yields `image`, `id`, `label`; `set_epoch(e)` (a no-op for val). `batch_size` is global."""
-    if train:
-        return _LinearTrainLoader(shards_dir, batch_size=batch_size, image_size=image_size, rank=rank,
-                                  world_size=world_size, device=device, seed=seed, workers=workers,
-                                  threads=threads, dtype=dtype)
-    return CenterCropLoader(shards_dir, batch_size=batch_size, image_size=image_size, rank=rank,
-                            world_size=world_size, device=device, workers=workers, threads=threads, dtype=dtype)
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

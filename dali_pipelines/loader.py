@@ -1,15 +1,25 @@
-"""Torch side of the loaders: one DALI pipeline at a time, batches handed over via DLPack.
+"""Torch side of the loaders: one built DALI pipeline read as an endless stream of batches.
 
-A loader owns at most one built pipeline, positioned at the epoch it will produce next. Asking
-for another epoch (a jump, a resume) or another configuration (a new neighbour table) rebuilds
-it; reading epochs in order reuses it with `pipe.reset()`. A partly read epoch leaves the
-pipeline in an unknown position, so the next iteration rebuilds it too.
+`BatchStream` owns one built pipeline whose external source never ends (see `external.py`). It
+feeds the pipeline with `schedule_run()` and takes batches with `outputs()`, handed over to torch
+by DLPack, and never feeds past a step the loader has not allowed yet (a step of an epoch whose
+neighbour table is not published), so the main thread never waits on a worker that waits on the
+loop. Each loader (`pretrain.PretrainLoader`, `center.FeatureLoader`, `linear.LinearTrainLoader`)
+builds its graph and source and holds one stream; it keeps the stream as long as the next batch
+it wants is the stream's next batch, and builds a new one otherwise (a jump, a resume mid-epoch,
+positives appearing or disappearing, a table that differs from the one already published).
+
+Teardown: DALI 2.4 has no public close for a pipeline; dropping the last reference runs its
+finaliser, which stops the worker processes (`BatchStream.close`).
 """
 
 from __future__ import annotations
 
+import gc
+import io
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 
 import torch
@@ -28,19 +38,11 @@ def dali_dtype(dtype: torch.dtype):
     return getattr(types, _DALI_DTYPES[dtype])
 
 
-def open_dataset(shards_dir):
+def as_dataset(dataset):
+    """The `shards.ShardDataset` a loader reads (a path is opened, as a convenience)."""
     from shards import ShardDataset
 
-    return ShardDataset(shards_dir)
-
-
-def to_torch(tensor_list, device: torch.device) -> torch.Tensor:
-    """A DALI batch as a torch tensor without a copy (DLPack); CPU outputs (ids, labels) of a GPU
-    pipeline are moved to `device`."""
-    tensor = torch.from_dlpack(tensor_list.as_tensor())
-    if tensor.device != device:
-        tensor = tensor.to(device, non_blocking=True)
-    return tensor
+    return dataset if isinstance(dataset, ShardDataset) else ShardDataset(dataset)
 
 
 def pipeline_device_id(device: torch.device) -> int | None:
@@ -51,128 +53,168 @@ def pipeline_device_id(device: torch.device) -> int | None:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
-def shutdown_pipeline(pipe) -> None:
-    """Stop DALI's worker processes now rather than whenever the garbage collector runs."""
-    pool = getattr(pipe, "_py_pool", None)
-    if pool is not None:
-        try:
-            pool.close()
-        except Exception:
-            pass
-    try:
-        pipe._shutdown()
-    except Exception:
-        pass
+class Settings:
+    """What every loader shares: device, output dtype, CPU workers and DALI threads."""
 
-
-class DaliLoader:
-    """Base class: subclasses implement `_config_key`, `_build(start_epoch) -> (pipe, names)`,
-    `_steps()` and `_batch(named_tensors) -> dict`."""
-
-    epoch_dependent = True
-
-    def __init__(self, shards_dir, *, batch_size: int, rank: int, world_size: int, device, workers: int,
-                 threads: int, dtype: torch.dtype = torch.float32):
-        self.shards_dir = Path(shards_dir)
-        self.dataset = open_dataset(shards_dir)
-        self.num_samples = self.dataset.num_samples
-        self.global_batch, self.rank, self.world_size = int(batch_size), int(rank), int(world_size)
-        if not 0 <= self.rank < self.world_size:
-            raise UserError(f"rank {rank}: outside 0..{world_size - 1}")
+    def __init__(self, device, dtype: torch.dtype, workers: int, threads: int):
         self.device = torch.device(device)
         self.device_id = pipeline_device_id(self.device)
-        self.workers, self.threads, self.dtype = int(workers), max(1, int(threads)), dtype
-        self.dali_dtype = dali_dtype(dtype)
-        self.epoch = 0
-        self._pipe, self._names, self._pipe_epoch, self._pipe_key = None, (), None, None
-        self._tmp = None
+        self.gpu = self.device_id is not None
+        self.dtype, self.dali_dtype = dtype, dali_dtype(dtype)
+        self.workers, self.threads = max(0, int(workers)), max(1, int(threads))
+        self.parallel = self.workers > 0
 
-    # -- subclass hooks -------------------------------------------------------------------------
-    def _config_key(self):
-        return None
-
-    def _build(self, start_epoch: int):
-        raise NotImplementedError
-
-    def _steps(self) -> int:
-        raise NotImplementedError
-
-    def _batch(self, named: dict) -> dict:
-        return named
-
-    # -- lifecycle --------------------------------------------------------------------------------
-    def __len__(self) -> int:
-        return self._steps()
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def pipeline_kwargs(self, local_batch: int) -> dict:
+    def pipeline_kwargs(self, local_batch: int, depth: int) -> dict:
         return dict(batch_size=local_batch, num_threads=self.threads, device_id=self.device_id,
-                    py_num_workers=max(1, self.workers), py_start_method="spawn", prefetch_queue_depth=2,
+                    py_num_workers=max(1, self.workers), py_start_method="spawn", prefetch_queue_depth=depth,
                     exec_dynamic=True,  # outputs stay valid while referenced: DLPack without copies
                     seed=12345)  # every random draw comes from the source; the seed is unused
 
-    def scratch_dir(self) -> Path:
-        if self._tmp is None:
-            self._tmp = Path(tempfile.mkdtemp(prefix="clim-fast-loader-"))
-        return self._tmp
+    def finish(self, named: dict) -> dict:
+        """Split `meta` into `id` / `label`, flatten `pos_id`, cast to bfloat16 on the device."""
+        meta = named.pop("meta")
+        named["id"], named["label"] = meta[:, 0].contiguous(), meta[:, 1].contiguous()
+        if "pos_id" in named:
+            named["pos_id"] = named["pos_id"].reshape(-1)
+        if self.dtype == torch.bfloat16:
+            for key, value in named.items():
+                if value.is_floating_point():
+                    named[key] = value.to(torch.bfloat16)
+        return named
 
-    def _ensure_pipeline(self, epoch: int):
-        key = self._config_key()
-        if self._pipe is None or self._pipe_epoch != epoch or self._pipe_key != key:
-            self._drop_pipeline()
-            pipe, names = self._build(epoch)
-            pipe.build()
-            self._pipe, self._names, self._pipe_epoch, self._pipe_key = pipe, tuple(names), epoch, key
-        return self._pipe
 
-    def _drop_pipeline(self) -> None:
-        if self._pipe is not None:
-            shutdown_pipeline(self._pipe)
-        self._pipe, self._pipe_epoch = None, None
+def to_torch(tensor_list, device: torch.device) -> torch.Tensor:
+    """A DALI batch as a torch tensor without a copy (DLPack). The graphs move every output of a GPU
+    pipeline to the GPU themselves (`meta.gpu()`), so no host buffer that the next run may reuse is
+    ever copied asynchronously."""
+    tensor = torch.from_dlpack(tensor_list.as_tensor())
+    if tensor.device != device:  # not reached by our graphs; kept synchronous on purpose
+        tensor = tensor.to(device)
+    return tensor
 
-    def __iter__(self):
-        epoch = self.epoch if self.epoch_dependent else 0
-        pipe = self._ensure_pipeline(epoch)
-        finished = False
+
+class _NotAllowed(RuntimeError):
+    pass
+
+
+class BatchStream:
+    """One built pipeline over an endless source, read batch by batch.
+
+    `first_step` numbers the stream's first batch in the loader's own step count (epoch x steps +
+    step for the epoch loaders); `next_step` is the number of the batch `next()` returns.
+    `source.sample_ids(lo, hi)` lists the sample ids behind stream samples lo..hi-1 (for error messages).
+    """
+
+    def __init__(self, pipe, names, settings: Settings, *, first_step: int, depth: int, source, local_batch: int,
+                 dataset, key=None):
+        self.pipe, self.names, self.settings = pipe, tuple(names), settings
+        self.first_step, self.depth, self.key = first_step, depth, key
+        self.source, self.local_batch, self.dataset = source, local_batch, dataset
+        self._fed = self._taken = 0
+        self.broken = False
         try:
-            for _ in range(self._steps()):
-                outputs = pipe.run()
-                yield self._batch({name: to_torch(out, self.device) for name, out in zip(self._names, outputs)})
-            try:
-                pipe.run()
-            except StopIteration:
-                pipe.reset()
-            else:
-                raise RuntimeError("DALI source produced more batches than the epoch holds")
-            self._pipe_epoch = epoch + 1 if self.epoch_dependent else epoch
-            finished = True
-        finally:
-            if not finished:
-                self._pipe_epoch = None  # abandoned mid-epoch: rebuild on the next iteration
+            pipe.build()
+        except Exception:
+            self.close()
+            raise
+
+    @property
+    def next_step(self) -> int:
+        return self.first_step + self._taken
+
+    def next(self, limit: int | None = None) -> dict:
+        """The next batch as {name: tensor}; feeds the pipeline up to `depth` batches ahead but never
+        a step >= `limit`."""
+        if self.broken:
+            raise RuntimeError("this stream failed earlier; the loader builds a new one")
+        try:
+            while self._fed - self._taken < self.depth:
+                ahead = self.depth if self._fed == 0 else 1  # the first schedule_run prefetches `depth`
+                if limit is not None and self.first_step + self._fed + ahead > limit:
+                    break
+                self.pipe.schedule_run()
+                self._fed += ahead
+            if self._fed == self._taken:
+                raise _NotAllowed(f"step {self.next_step} is not allowed yet (limit {limit})")
+            outputs = self.pipe.outputs()
+        except _NotAllowed:
+            raise
+        except Exception as error:
+            self.broken = True
+            lo, hi = self._taken * self.local_batch, max(self._fed, self._taken + 1) * self.local_batch
+            message = failure_message(self.dataset, self.source.sample_ids(lo, hi), error)
+            self.close()
+            raise UserError(message) from None
+        self._taken += 1
+        device = self.settings.device
+        return {name: to_torch(out, device) for name, out in zip(self.names, outputs)}
 
     def close(self) -> None:
-        self._drop_pipeline()
-        if self._tmp is not None:
-            shutil.rmtree(self._tmp, ignore_errors=True)
-            self._tmp = None
+        """Stop the pipeline and its worker processes (DALI's finaliser on the last reference)."""
+        if self.pipe is not None:
+            ref = weakref.ref(self.pipe)
+            self.pipe = None
+            if ref() is not None:  # held by a reference cycle
+                gc.collect()
 
-    def __del__(self):
+
+class Scratch:
+    """A loader's private temporary folder (tables, per-epoch table pointers), removed on close."""
+
+    def __init__(self):
+        self._path = None
+
+    @property
+    def path(self) -> Path:
+        if self._path is None:
+            self._path = Path(tempfile.mkdtemp(prefix="clim-fast-loader-"))
+        return self._path
+
+    def remove(self) -> None:
+        if self._path is not None:
+            shutil.rmtree(self._path, ignore_errors=True)
+            self._path = None
+
+
+# --- errors ---------------------------------------------------------------------------------------
+
+def describe_samples(dataset, ids) -> str:
+    """Which shard file(s) hold `ids`, and what to run: `ShardDataset.describe_samples`, or the same
+    line built here from the per-sample index and the manifest for a dataset without it."""
+    ids = sorted({int(i) for i in ids if int(i) >= 0})
+    if hasattr(dataset, "describe_samples"):
+        return dataset.describe_samples(ids)
+    names = [s["name"] for s in dataset.manifest["shards"]]
+    by_shard: dict[str, list[int]] = {}
+    for sid in ids:
+        by_shard.setdefault(names[int(dataset.index["shard"][sid])], []).append(sid)
+    parts = [", ".join(map(str, members[:5])) + (" and more" if len(members) > 5 else "") + f" (in {name})"
+             for name, members in sorted(by_shard.items())]
+    return (f"samples {'; '.join(parts)} of {dataset.root}: the stored data may be damaged; "
+            f"check the folder with `clim-fast verify {dataset.root}`")
+
+
+def undecodable(dataset, ids) -> list[int]:
+    """The ids among `ids` whose JPEG does not decode (checked with PIL, on the error path only)."""
+    from PIL import Image
+
+    bad = []
+    for sid in sorted({int(i) for i in ids if int(i) >= 0}):
         try:
-            self.close()
+            with Image.open(io.BytesIO(dataset.jpeg(sid).tobytes())) as image:
+                image.convert("RGB").load()
         except Exception:
-            pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+            bad.append(sid)
+    return bad
 
 
-def split_meta(named: dict, key: str = "meta") -> dict:
-    """Replace the int64[B, 2] meta output by `id` and `label` columns."""
-    meta = named.pop(key)
-    named["id"], named["label"] = meta[:, 0].contiguous(), meta[:, 1].contiguous()
-    return named
+def failure_message(dataset, ids, error: BaseException) -> str:
+    """One line for a failed pipeline run, naming the shard file(s) of the sample(s) at fault: the
+    samples in flight that PIL cannot decode either, else all of them with DALI's own first line."""
+    bad = undecodable(dataset, ids)
+    if bad:
+        return f"could not decode {describe_samples(dataset, bad)}"
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    first = next((line for line in lines if "rror" in line and not line.endswith(":")), lines[0] if lines else "")
+    first = (first[:200] + "...") if len(first) > 200 else first
+    return f"DALI failed ({first or type(error).__name__}) on a batch holding {describe_samples(dataset, ids)}"

@@ -1,4 +1,5 @@
-"""The pretraining graph: anchor query/key views, and with a neighbour table the positive's views.
+"""The pretraining graph and loader: anchor query/key views, and with a neighbour table the
+positive's views.
 
 Per sample the external source hands over the anchor's JPEG and view parameters and, when a table
 is set, a positive drawn uniformly from the anchor's table row with its own parameters. Each JPEG
@@ -8,6 +9,7 @@ is decoded once; all its views are cut from that one decode.
 from __future__ import annotations
 
 import shutil
+from typing import Callable
 
 import numpy as np
 import torch
@@ -17,65 +19,90 @@ from nvidia.dali import pipeline_def
 
 from dali_pipelines.augment import MOCO_SCALE, ViewSpec, moco_views
 from dali_pipelines.epochs import check_batch, steps_per_epoch
-from dali_pipelines.loader import DaliLoader, split_meta
+from dali_pipelines.external import AugmentSource, ShardReader, TableBook, publish_table
+from dali_pipelines.loader import BatchStream, Scratch, Settings, as_dataset
 from dali_pipelines.ops import augmented_view, decode
-from dali_pipelines.external import AugmentSource
+from shards.errors import UserError
 
 _SOURCE_DTYPES = [types.UINT8, types.FLOAT, types.INT32, types.INT64]
 
 
 @pipeline_def(enable_conditionals=True)
 def augment_graph(source, anchor_views, positive_views, gpu, dali_dtype, parallel):
-    """Outputs: one per anchor view, `meta` (id, label); then one per positive view and `pos_id`."""
+    """Outputs: one per anchor view, `meta` (id, label); then one per positive view and `pos_id`.
+    On the GPU every output is a GPU tensor (the small int64 ones are copied by DALI)."""
     outs = fn.external_source(source=source, num_outputs=4 * (1 + bool(positive_views)), batch=False,
                               parallel=parallel, dtype=_SOURCE_DTYPES * (1 + bool(positive_views)))
     jpeg, params, flips, meta = outs[:4]
     image = decode(jpeg, gpu)
     result = [augmented_view(image, params, flips, v, spec, dali_dtype) for v, spec in enumerate(anchor_views)]
-    result.append(meta)
+    result.append(meta.gpu() if gpu else meta)
     if positive_views:
         pjpeg, pparams, pflips, pos_id = outs[4:]
         pimage = decode(pjpeg, gpu)
         result += [augmented_view(pimage, pparams, pflips, v, spec, dali_dtype)
                    for v, spec in enumerate(positive_views)]
-        result.append(pos_id)
+        result.append(pos_id.gpu() if gpu else pos_id)
     return tuple(result)
 
 
-def anchor_names(image_size: int, views: tuple[ViewSpec, ...]) -> list[str]:
-    return ["q", "k"] + [f"q_r{v.size}" for v in views[2:]]
+def view_names(prefix: tuple[str, str], views: tuple[ViewSpec, ...]) -> list[str]:
+    return list(prefix) + [f"{prefix[0]}_r{v.size}" for v in views[2:]]
 
 
-def positive_names(image_size: int, views: tuple[ViewSpec, ...]) -> list[str]:
-    return ["pos", "k_pos"] + [f"pos_r{v.size}" for v in views[2:]]
-
-
-class PretrainLoader(DaliLoader):
+class PretrainLoader:
     """MoCo v2 / CLIM batches for one rank. `batch_size` is the global batch.
 
     Yields dicts of NCHW tensors on `device`: `q`, `k`, `id`, `label`; with a neighbour table also
     `pos`, `k_pos`, `pos_id`, and for each multi-resolution size S `q_r{S}`, `pos_r{S}`.
-    `set_epoch(e)` picks the epoch (any e: a jump rebuilds the pipeline); `set_table(t)` takes
-    effect at the next `set_epoch`. Batches are a pure function of (shards, seed, epoch, rank,
-    world_size, table, sizes): independent of worker count, rebuilds and restarts.
+
+        loader.set_table(t)            # NeighbourTable or None, used from the next set_epoch
+        loader.set_epoch(e, start_step=0)
+        for batch in loader: ...       # len(loader) - start_step batches of epoch e
+        loader.close()
+
+    The pipeline persists: reading epochs in order streams on without a rebuild (DALI prefetches
+    into the next epoch while this one is read), and so does a table swap, provided the loader
+    knows in advance: `table_changes(e)` (None = never) says `set_table` may be called before
+    epoch e, so the stream waits at the start of e for that epoch's table instead of reading on
+    with the current one. The graph is rebuilt only when positives appear or disappear, on a jump
+    or a resume mid-epoch (which starts the stream at that step: nothing before it is decoded), or
+    when a table arrives for an epoch that was already read ahead with the previous one.
+
+    Batches are a pure function of (shards, seed, epoch, rank, world_size, table, sizes):
+    independent of worker count, prefetch, persistence and start_step.
     """
 
-    def __init__(self, shards_dir, *, batch_size: int, image_size: int, rank: int = 0, world_size: int = 1,
+    def __init__(self, dataset, *, batch_size: int, image_size: int, rank: int = 0, world_size: int = 1,
                  device=torch.device("cpu"), seed: int = 0, workers: int = 2, threads: int = 2,
                  multires_sizes=(), table=None, dtype: torch.dtype = torch.float32,
-                 crop_min_scale: float = MOCO_SCALE[0]):
-        super().__init__(shards_dir, batch_size=batch_size, rank=rank, world_size=world_size, device=device,
-                         workers=workers, threads=threads, dtype=dtype)
+                 crop_min_scale: float = MOCO_SCALE[0], table_changes: Callable[[int], bool] | None = None):
+        self.dataset = as_dataset(dataset)
+        self.num_samples = self.dataset.num_samples
+        self.global_batch, self.rank, self.world_size = int(batch_size), int(rank), int(world_size)
         self.local_batch = check_batch(self.num_samples, self.global_batch, self.world_size)
+        if not 0 <= self.rank < self.world_size:
+            raise UserError(f"rank {rank}: outside 0..{world_size - 1}")
+        self.settings = Settings(device, dtype, workers, threads)
         self.image_size, self.seed = int(image_size), int(seed)
         self.multires_sizes = tuple(int(s) for s in multires_sizes)
         self.crop_min_scale = float(crop_min_scale)
-        self._table, self._table_dir, self._table_version = None, None, 0
+        self.table_changes = table_changes
+        self.steps = steps_per_epoch(self.num_samples, self.global_batch)
+        self.epoch, self.start_step = 0, 0
+        self._reader = ShardReader(self.dataset)
+        self._scratch = Scratch()
+        self._table, self._table_folder, self._table_folders = None, None, []
         self._pending = _UNSET
+        self._stream: BatchStream | None = None
+        self._published: dict[int, str] = {}
+        self._pointers = None
+        self._streams_built = 0
         self._install_table(table)
 
-    def _steps(self) -> int:
-        return steps_per_epoch(self.num_samples, self.global_batch)
+    # -- the loop's API -----------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self.steps
 
     @property
     def table(self):
@@ -86,12 +113,40 @@ class PretrainLoader(DaliLoader):
         self._check_table(table)
         self._pending = table
 
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch)
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        if not 0 <= start_step <= self.steps:
+            raise ValueError(f"start_step {start_step}: outside 0..{self.steps}")
+        self.epoch, self.start_step = int(epoch), int(start_step)
         if self._pending is not _UNSET:
             self._install_table(self._pending)
             self._pending = _UNSET
 
+    def __iter__(self):
+        epoch, step = self.epoch, self.start_step
+        if step >= self.steps:
+            return
+        stream = self._stream_at(epoch, step)
+        for _ in range(step, self.steps):
+            batch = stream.next(self._limit())
+            yield self.settings.finish(batch)
+
+    def close(self) -> None:
+        self._drop_stream()
+        self._scratch.remove()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- tables ---------------------------------------------------------------------------------------
     def _check_table(self, table) -> None:
         if table is None:
             return
@@ -100,50 +155,87 @@ class PretrainLoader(DaliLoader):
         table.check_matches(self.dataset.dataset_id, self.num_samples, where)
 
     def _install_table(self, table) -> None:
+        if table is self._table and (table is None or self._table_folder is not None):
+            return
         self._check_table(table)
-        self._table = table
-        self._table_version += 1
-        if self._table_dir is not None:  # workers that still map it keep their view (POSIX unlink)
-            shutil.rmtree(self._table_dir, ignore_errors=True)
-        self._table_dir = None
+        self._table, self._table_folder = table, None
         if table is not None:
-            folder = self.scratch_dir() / f"table-{self._table_version}"
+            folder = self._scratch.path / f"table-{len(self._table_folders)}"
             folder.mkdir(parents=True)
             np.save(folder / "positives.npy", np.ascontiguousarray(table.positives, dtype=np.int32))
             np.save(folder / "counts.npy", np.ascontiguousarray(table.counts, dtype=np.int32))
-            self._table_dir = str(folder)
+            self._table_folder = str(folder)
+            self._table_folders.append(folder)
+            for old in self._table_folders[:-2]:  # workers that still map one keep their view (POSIX)
+                shutil.rmtree(old, ignore_errors=True)
 
-    def _config_key(self):
-        return self._table_version
+    def _publish(self, epoch: int) -> None:
+        if epoch not in self._published:
+            publish_table(self._pointers, epoch, self._table_folder)
+            self._published[epoch] = self._table_folder
 
+    def _limit(self) -> int | None:
+        """Steps below this may be fed: the end of the last epoch whose table is published."""
+        if self._table is None:
+            return None
+        return (max(self._published) + 1) * self.steps
+
+    # -- the stream ------------------------------------------------------------------------------------
     def views(self) -> tuple[tuple[ViewSpec, ...], tuple[ViewSpec, ...]]:
         if self._table is None:
             return moco_views(self.image_size, min_scale=self.crop_min_scale), ()
         views = moco_views(self.image_size, self.multires_sizes, self.crop_min_scale)
         return views, views
 
-    def _build(self, start_epoch: int):
-        anchor_views, positive_views = self.views()
-        source = AugmentSource(self.shards_dir, num_samples=self.num_samples, global_batch=self.global_batch,
-                               rank=self.rank, world_size=self.world_size, seed=self.seed,
-                               start_epoch=start_epoch, anchor_views=anchor_views,
-                               positive_views=positive_views, table_dir=self._table_dir)
-        pipe = augment_graph(source, anchor_views, positive_views, self.device_id is not None, self.dali_dtype,
-                             self.workers > 0, **self.pipeline_kwargs(self.local_batch))
-        names = anchor_names(self.image_size, anchor_views) + ["meta"]
-        if positive_views:
-            names += positive_names(self.image_size, positive_views) + ["pos_id"]
-        return pipe, names
+    def _stream_at(self, epoch: int, step: int) -> BatchStream:
+        target = epoch * self.steps + step
+        positives = self._table is not None
+        stream = self._stream
+        keep = (stream is not None and not stream.broken and stream.key == positives
+                and stream.next_step == target
+                and (not positives or self._published.get(epoch, self._table_folder) == self._table_folder))
+        if not keep:
+            self._drop_stream()
+            stream = self._stream = self._build(epoch, step)
+        if positives:
+            self._publish(epoch)
+            if self.table_changes is None or not self.table_changes(epoch + 1):
+                self._publish(epoch + 1)
+        return stream
 
-    def _batch(self, named: dict) -> dict:
-        named = split_meta(named)
-        if "pos_id" in named:
-            named["pos_id"] = named["pos_id"].reshape(-1)
-        if self.dtype == torch.bfloat16:
-            for key, value in named.items():
-                if value.is_floating_point():
-                    named[key] = value.to(torch.bfloat16)
-        return named
+    def _build(self, epoch: int, step: int) -> BatchStream:
+        anchor_views, positive_views = self.views()
+        tables = None
+        if positive_views:
+            self._pointers = self._scratch.path / f"stream-{self._streams_built}"
+            self._pointers.mkdir(parents=True)
+            self._published = {}
+            tables = TableBook(str(self._pointers))
+        self._streams_built += 1
+        source = AugmentSource(self._reader, num_samples=self.num_samples, global_batch=self.global_batch,
+                               rank=self.rank, world_size=self.world_size, seed=self.seed,
+                               start=(epoch * self.steps + step) * self.local_batch, anchor_views=anchor_views,
+                               positive_views=positive_views, tables=tables)
+        s = self.settings
+        # the first feed prefetches `depth` steps: with positives they must lie in this epoch
+        depth = 2 if not positive_views or self.steps - step >= 2 else 1
+        pipe = augment_graph(source, anchor_views, positive_views, s.gpu, s.dali_dtype, s.parallel,
+                             **s.pipeline_kwargs(self.local_batch, depth))
+        names = view_names(("q", "k"), anchor_views) + ["meta"]
+        if positive_views:
+            names += view_names(("pos", "k_pos"), positive_views) + ["pos_id"]
+            self._publish(epoch)  # before the first feed
+        return BatchStream(pipe, names, s, first_step=epoch * self.steps + step, depth=depth, source=source,
+                           local_batch=self.local_batch, dataset=self.dataset, key=bool(positive_views))
+
+    def _drop_stream(self) -> None:
+        if self._pointers is not None:  # first, so that workers waiting for a table there give up
+            shutil.rmtree(self._pointers, ignore_errors=True)
+            self._pointers = None
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+        self._published = {}
 
 
 class _Unset:

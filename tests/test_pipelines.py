@@ -1,9 +1,11 @@
-"""DALI graphs on the CPU: epoch contract, positives, the graph against a numpy/PIL application of
+"""DALI graphs on the CPU: epoch contract, positives, persistence across epochs / table swaps /
+passes, resume without decoding the skipped batches, the graph against a numpy/PIL application of
 the same parameters, statistics against torchvision's aug_plus, feature/linear loaders, errors."""
 
 import io
 import math
 import multiprocessing
+import shutil
 
 import numpy as np
 import pytest
@@ -13,10 +15,11 @@ from torchvision import transforms
 
 from shards.errors import UserError
 from shards.neighbours import NeighbourTable
-from dali_pipelines import FeatureLoader, LinearLoader, PretrainLoader, epoch_share
-from dali_pipelines.augment import BLUR_SIGMA, BRIGHTNESS, CONTRAST, HUE_DEG, SATURATION, moco_views
+from dali_pipelines import FeatureLoader, LinearTrainLoader, PretrainLoader, epoch_share
+from dali_pipelines.augment import (BLUR_SIGMA, BRIGHTNESS, CONTRAST, HUE_DEG, LINEAR_SCALE, SATURATION, ViewSpec,
+                                    draw_views, moco_views, sample_rng)
 from dali_pipelines.ops import IMAGENET_MEAN, IMAGENET_STD
-from dali_pipelines.external import AugmentSource
+from dali_pipelines.external import AugmentSource, ShardReader, draw_positive
 from shards import ShardDataset
 
 SIZE = 32
@@ -44,14 +47,15 @@ def table(dataset):
 
 
 @pytest.fixture(scope="module")
-def parallel_run(shard_dir, table):
-    """Epochs 0 and 1 with a table, 2 spawned workers, the pipeline reused across the epoch boundary."""
-    loader = PretrainLoader(shard_dir, batch_size=BATCH, image_size=SIZE, workers=2, table=table,
+def parallel_run(dataset, table):
+    """Epochs 0 and 1 with a table, 2 spawned workers, one pipeline streaming across the boundary."""
+    loader = PretrainLoader(dataset, batch_size=BATCH, image_size=SIZE, workers=2, table=table,
                             multires_sizes=(24, 16), seed=5)
     epochs = []
     for e in (0, 1):
         loader.set_epoch(e)
         epochs.append(list(loader))
+    assert loader._streams_built == 1  # persisted across the epoch boundary
     loader.close()
     return epochs
 
@@ -75,20 +79,68 @@ def test_one_rank_epoch_is_the_seeded_permutation(parallel_run, dataset):
         assert not torch.equal(b["q"], b["k"])
 
 
-def test_resume_and_worker_count_give_identical_batches(parallel_run, shard_dir, table):
-    """A fresh in-process pipeline started at epoch 1 = epoch 1 of the 2-worker pipeline that ran
-    through epoch 0 and was reset: batches depend on (seed, epoch, rank, table) only."""
-    loader = PretrainLoader(shard_dir, batch_size=BATCH, image_size=SIZE, workers=0, table=table,
+def test_persistent_loader_equals_fresh_loaders_whatever_the_workers(parallel_run, dataset, table):
+    """Two epochs read through one persistent 2-worker pipeline = fresh in-process loaders started
+    at each epoch: batches depend on (seed, epoch, rank, table) only."""
+    for epoch in (1, 0):  # a jump back rebuilds
+        loader = PretrainLoader(dataset, batch_size=BATCH, image_size=SIZE, workers=0, table=table,
+                                multires_sizes=(24, 16), seed=5)
+        loader.set_epoch(epoch)
+        assert same_batches(list(loader), parallel_run[epoch])
+        loader.close()
+
+
+def test_resume_mid_epoch_equals_the_uninterrupted_epoch_and_decodes_nothing_skipped(
+        parallel_run, dataset, table, monkeypatch):
+    read = []
+    original = ShardReader.jpeg
+    monkeypatch.setattr(ShardReader, "jpeg", lambda self, sid: read.append(sid) or original(self, sid))
+    loader = PretrainLoader(dataset, batch_size=BATCH, image_size=SIZE, workers=0, table=table,
                             multires_sizes=(24, 16), seed=5)
-    loader.set_epoch(1)
-    assert same_batches(list(loader), parallel_run[1])
-    loader.set_epoch(0)  # a jump back rebuilds
-    assert same_batches(list(loader), parallel_run[0])
+    loader.set_epoch(1, start_step=4)
+    resumed = list(loader)
+    assert len(resumed) == 2 and same_batches(resumed, parallel_run[1][4:])
+    anchors_read = read[0::2]  # in-process source: anchor, positive, anchor, positive, ...
+    stream = np.concatenate([epoch_share(48, BATCH, 0, 1, seed=5, epoch=1)[4 * BATCH:],
+                             epoch_share(48, BATCH, 0, 1, seed=5, epoch=2)])
+    assert anchors_read == stream[:len(anchors_read)].tolist()  # nothing before step 4 was read
+    assert 2 * BATCH <= len(anchors_read) <= 4 * BATCH  # at most 2 batches read ahead into epoch 2
+    loader.set_epoch(2)  # streams on from where the resumed epoch ended
+    assert same_batches(list(loader)[:1], list_epoch(dataset, table, 2)[:1])
+    assert loader._streams_built == 1
     loader.close()
 
 
-def test_two_ranks_split_each_global_batch(shard_dir):
-    loaders = [PretrainLoader(shard_dir, batch_size=BATCH, image_size=16, rank=r, world_size=2, workers=0, seed=1)
+def list_epoch(dataset, table, epoch, **kwargs):
+    loader = PretrainLoader(dataset, batch_size=BATCH, image_size=SIZE, workers=0, table=table,
+                            multires_sizes=(24, 16), seed=5, **kwargs)
+    loader.set_epoch(epoch)
+    batches = list(loader)
+    loader.close()
+    return batches
+
+
+def test_table_swap_mid_run_equals_a_fresh_loader_with_that_table(dataset, table):
+    """Tables swapped at announced epochs keep the pipeline (the workers wait for the new table);
+    an unannounced swap rebuilds it. Either way each epoch equals a fresh loader's."""
+    other = random_table(dataset, seed=7)
+    loader = PretrainLoader(dataset, batch_size=BATCH, image_size=SIZE, workers=2, table=table,
+                            multires_sizes=(24, 16), seed=5, table_changes=lambda e: e in (1, 2))
+    got = []
+    for epoch, new in ((0, None), (1, other), (2, None), (3, table)):
+        if new is not None:
+            loader.set_table(new)
+        loader.set_epoch(epoch)
+        got.append(list(loader))
+        assert loader._streams_built == (1 if epoch < 3 else 2), epoch  # epoch 3 was not announced
+    loader.close()
+    for epoch, expect in ((1, other), (2, other), (3, table)):
+        assert same_batches(got[epoch], list_epoch(dataset, expect, epoch)), epoch
+    assert not same_batches(got[1], list_epoch(dataset, table, 1))
+
+
+def test_two_ranks_split_each_global_batch(dataset):
+    loaders = [PretrainLoader(dataset, batch_size=BATCH, image_size=16, rank=r, world_size=2, workers=0, seed=1)
                for r in range(2)]
     for epoch in (0, 3):
         per_rank = []
@@ -105,8 +157,8 @@ def test_two_ranks_split_each_global_batch(shard_dir):
         loader.close()
 
 
-def test_table_is_picked_up_at_the_next_epoch(shard_dir, table):
-    loader = PretrainLoader(shard_dir, batch_size=BATCH, image_size=16, workers=0)
+def test_table_is_picked_up_at_the_next_epoch(dataset, table):
+    loader = PretrainLoader(dataset, batch_size=BATCH, image_size=16, workers=0)
     first = next(iter(loader))
     assert "pos" not in first
     loader.set_table(table)
@@ -127,15 +179,11 @@ def test_positives_come_from_the_anchor_row(parallel_run, table):
                 assert pos in table.positives[anchor, :table.counts[anchor]]
 
 
-def test_positive_draws_cover_the_row_uniformly(shard_dir, table):
-    source = AugmentSource(shard_dir, num_samples=48, global_batch=BATCH, rank=0, world_size=1, seed=0,
-                           start_epoch=0, anchor_views=moco_views(SIZE), positive_views=moco_views(SIZE),
-                           table_dir="unused")
-    source._table = (table.positives, table.counts)
+def test_positive_draws_cover_the_row_uniformly(table):
     rng = np.random.default_rng(0)
     for anchor in range(48):
         row = table.positives[anchor, :table.counts[anchor]]
-        draws = np.array([source.draw_positive(rng, anchor) for _ in range(300)])
+        draws = np.array([draw_positive(rng, table.positives, table.counts, anchor) for _ in range(300)])
         assert set(draws) == set(row)
         freq = np.array([(draws == p).mean() for p in row])
         assert np.all(np.abs(freq - 1 / len(row)) < 0.12)
@@ -174,11 +222,18 @@ def reference_view(jpeg: bytes, params: np.ndarray, flip: int, size: int) -> np.
     return x.transpose(2, 0, 1)
 
 
-def test_graph_applies_the_drawn_parameters(parallel_run, shard_dir, table, dataset):
-    source = AugmentSource(shard_dir, num_samples=48, global_batch=BATCH, rank=0, world_size=1, seed=5,
-                           start_epoch=0, anchor_views=moco_views(SIZE, (24, 16)),
-                           positive_views=moco_views(SIZE, (24, 16)), table_dir="unused")
-    source._table = (table.positives, table.counts)
+class FixedTable:
+    def __init__(self, table):
+        self.arrays = (table.positives, table.counts)
+
+    def table(self, epoch, wait=True):
+        return self.arrays
+
+
+def test_graph_applies_the_drawn_parameters(parallel_run, table, dataset):
+    source = AugmentSource(ShardReader(dataset), num_samples=48, global_batch=BATCH, rank=0, world_size=1, seed=5,
+                           start=0, anchor_views=moco_views(SIZE, (24, 16)),
+                           positive_views=moco_views(SIZE, (24, 16)), tables=FixedTable(table))
 
     class Info:
         epoch_idx = 0
@@ -229,10 +284,10 @@ def test_output_statistics_match_torchvision_aug_plus(parallel_run, dataset):
 
 # --- feature / linear loaders -----------------------------------------------------------------
 
-def test_feature_loader_visits_every_id_once(shard_dir):
+def test_feature_loader_visits_every_id_once(dataset):
     seen = []
     for rank in range(3):
-        loader = FeatureLoader(shard_dir, batch_size=21, image_size=SIZE, rank=rank, world_size=3,
+        loader = FeatureLoader(dataset, batch_size=21, image_size=SIZE, rank=rank, world_size=3,
                                workers=1 if rank == 0 else 0)
         batches = list(loader)
         assert len(batches) == len(loader) == 3  # 16 ids per rank in batches of 7, padding cut
@@ -240,13 +295,14 @@ def test_feature_loader_visits_every_id_once(shard_dir):
         assert torch.equal(ids, torch.arange(rank, 48, 3))
         assert all(b["image"].shape[1:] == (3, SIZE, SIZE) and len(b["label"]) == len(b["id"]) for b in batches)
         assert torch.equal(torch.cat([b["id"] for b in loader]), ids)  # a second pass, same order
+        assert loader._stream.next_step == 2 * len(loader)  # ... from the same pipeline
         seen.append(ids)
         loader.close()
     assert sorted(torch.cat(seen).tolist()) == list(range(48))
 
 
-def test_feature_view_is_a_centre_crop(shard_dir, dataset):
-    loader = FeatureLoader(shard_dir, batch_size=48, image_size=SIZE, workers=0)
+def test_feature_view_is_a_centre_crop(dataset):
+    loader = FeatureLoader(dataset, batch_size=48, image_size=SIZE, workers=0)
     batch = next(iter(loader))
     loader.close()
     ref_tf = transforms.Compose([transforms.Resize(round(SIZE * 256 / 224)), transforms.CenterCrop(SIZE),
@@ -256,22 +312,29 @@ def test_feature_view_is_a_centre_crop(shard_dir, dataset):
     assert levels.max() < 1.5 and levels.mean() < 0.5  # the same sampling grid, to rounding
 
 
-def test_linear_loaders(shard_dir, dataset):
-    train = LinearLoader(shard_dir, batch_size=16, image_size=SIZE, train=True, workers=0, seed=2)
-    train.set_epoch(4)
-    batches = list(train)
+def test_linear_loaders(dataset):
+    train = LinearTrainLoader(dataset, batch_size=16, image_size=SIZE, rank=0, world_size=1,
+                              device=torch.device("cpu"), seed=2, workers=0, threads=1, dtype=torch.float32)
+    epochs = []
+    for epoch in (4, 5):
+        train.set_epoch(epoch)
+        epochs.append(list(train))
+    batches = epochs[0]
     assert len(batches) == 3 and set(batches[0]) == {"image", "id", "label"}
     ids = torch.cat([b["id"] for b in batches]).numpy()
     assert np.array_equal(ids, epoch_share(48, 16, 0, 1, seed=2, epoch=4))
     assert np.array_equal(torch.cat([b["label"] for b in batches]).numpy(), dataset.labels[ids])
-    val = LinearLoader(shard_dir, batch_size=20, image_size=SIZE, train=False, workers=0)
+    assert train._stream.first_step == 4 * 3  # epoch 5 streamed on from epoch 4
+    train.set_epoch(5, start_step=1)  # a resume starts a fresh stream at that step: the same batches
+    assert same_batches(list(train), epochs[1][1:])
+    val = FeatureLoader(dataset, batch_size=20, image_size=SIZE, workers=0)
     val.set_epoch(1)
     assert torch.equal(torch.cat([b["id"] for b in val]), torch.arange(48))
     train.close(), val.close()
 
 
-def test_float16_output(shard_dir):
-    loader = PretrainLoader(shard_dir, batch_size=BATCH, image_size=16, workers=0, dtype=torch.float16)
+def test_float16_output(dataset):
+    loader = PretrainLoader(dataset, batch_size=BATCH, image_size=16, workers=0, dtype=torch.float16)
     batch = next(iter(loader))
     loader.close()
     assert batch["q"].dtype == torch.float16 and torch.isfinite(batch["q"]).all()
@@ -285,21 +348,52 @@ def test_clear_errors(shard_dir, tmp_path, dataset):
     wrong = random_table(dataset)
     wrong.meta["dataset_id"] = "someone-else"
     with pytest.raises(UserError, match="neighbour table"):
-        PretrainLoader(shard_dir, batch_size=BATCH, image_size=SIZE, workers=0, table=wrong)
+        PretrainLoader(dataset, batch_size=BATCH, image_size=SIZE, workers=0, table=wrong)
     small = NeighbourTable(np.zeros((10, 1), np.int32), np.ones(10, np.int32), np.zeros(10, np.int32), {})
-    loader = PretrainLoader(shard_dir, batch_size=BATCH, image_size=SIZE, workers=0)
+    loader = PretrainLoader(dataset, batch_size=BATCH, image_size=SIZE, workers=0)
     with pytest.raises(UserError, match="10 samples"):
         loader.set_table(small)
     loader.close()
     with pytest.raises(UserError, match="divisible"):
-        PretrainLoader(shard_dir, batch_size=9, image_size=SIZE, world_size=2, workers=0)
+        PretrainLoader(dataset, batch_size=9, image_size=SIZE, world_size=2, workers=0)
     with pytest.raises(UserError, match="larger than"):
-        PretrainLoader(shard_dir, batch_size=64, image_size=SIZE, workers=0)
+        PretrainLoader(dataset, batch_size=64, image_size=SIZE, workers=0)
 
 
-def test_close_stops_worker_processes(shard_dir):
+def test_undecodable_sample_names_its_shard_in_one_line(shard_dir, tmp_path, dataset):
+    """Same-size bit rot inside a tar: a one-line UserError naming the shard and `clim-fast verify`."""
+    broken = tmp_path / "broken"
+    shutil.copytree(shard_dir, broken)
+    victim = int(epoch_share(48, BATCH, 0, 1, seed=0, epoch=0)[BATCH + 2])  # in the second batch
+    row = dataset.index[victim]
+    tar = broken / dataset.manifest["shards"][int(row["shard"])]["name"]
+    with open(tar, "r+b") as f:
+        f.seek(int(row["offset"]))
+        f.write(b"\0" * 64)  # the JPEG header is gone, the size unchanged
+    loader = PretrainLoader(ShardDataset(broken), batch_size=BATCH, image_size=16, workers=0)
+    with pytest.raises(UserError) as caught:
+        list(loader)
+    message = str(caught.value)
+    assert "\n" not in message and tar.name in message and f"clim-fast verify {broken}" in message
+    assert str(victim) in message
+    loader.close()
+
+
+def test_failure_message_without_describe_samples(dataset):
+    """The loader's own fallback names the shard files from the index and the manifest."""
+    from types import SimpleNamespace
+
+    from dali_pipelines.loader import describe_samples
+
+    bare = SimpleNamespace(manifest=dataset.manifest, index=dataset.index, root=dataset.root)
+    line = describe_samples(bare, [40, 3, 3])
+    names = {dataset.manifest["shards"][int(dataset.index["shard"][i])]["name"] for i in (3, 40)}
+    assert all(name in line for name in names) and f"clim-fast verify {dataset.root}" in line
+
+
+def test_close_stops_worker_processes(dataset):
     before = set(p.pid for p in multiprocessing.active_children())
-    loader = PretrainLoader(shard_dir, batch_size=BATCH, image_size=16, workers=2)
+    loader = PretrainLoader(dataset, batch_size=BATCH, image_size=16, workers=2)
     it = iter(loader)
     next(it)  # abandon the epoch half-way
     assert len(set(p.pid for p in multiprocessing.active_children()) - before) >= 2
@@ -307,12 +401,59 @@ def test_close_stops_worker_processes(shard_dir):
     assert not set(p.pid for p in multiprocessing.active_children()) - before
 
 
+# --- the per-sample parameter draws are bit-identical to the straightforward implementation ------
+
+def straightforward_view(rng, width, height, spec):
+    """The draws as first written (rng.uniform / rng.integers(0, n) / fancy indexing)."""
+    p = np.zeros(9, np.float32)
+    area, log_ratio = height * width, (math.log(spec.ratio[0]), math.log(spec.ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(spec.scale[0], spec.scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w, h = int(round(math.sqrt(target_area * aspect))), int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
+            break
+    else:
+        in_ratio = width / height
+        if in_ratio < min(spec.ratio):
+            w, h = width, int(round(width / min(spec.ratio)))
+        elif in_ratio > max(spec.ratio):
+            h, w = height, int(round(height * max(spec.ratio)))
+        else:
+            w, h = width, height
+        top, left = (height - h) // 2, (width - w) // 2
+    p[0:4] = (top / height, left / width, (top + h) / height, (left + w) / width)
+    p[[BRIGHTNESS, CONTRAST, SATURATION, HUE_DEG]] = (1.0, 1.0, 1.0, 0.0)
+    if spec.color:
+        if rng.random() < 0.8:
+            p[BRIGHTNESS], p[CONTRAST], p[SATURATION] = (rng.uniform(0.6, 1.4) for _ in range(3))
+            p[HUE_DEG] = rng.uniform(-0.1, 0.1) * 360.0
+        if rng.random() < 0.2:
+            p[SATURATION] = 0.0
+        if rng.random() < 0.5:
+            p[BLUR_SIGMA] = rng.uniform(0.1, 2.0)
+    return p, int(rng.random() < 0.5)
+
+
+def test_fast_parameter_draws_are_bit_identical_to_the_straightforward_ones():
+    specs = moco_views(224, (192, 160, 128, 96)) + (ViewSpec(224, LINEAR_SCALE, color=False),)
+    sizes = np.random.default_rng(1).integers(8, 600, (400, 2))
+    sizes[::9] = (1000, 20)  # the centre fallback
+    for i, (w, h) in enumerate(sizes.tolist()):
+        params, flips = draw_views(sample_rng(3, 1, i, 0), w, h, specs)
+        rng = sample_rng(3, 1, i, 0)
+        for v, spec in enumerate(specs):
+            p, f = straightforward_view(rng, w, h, spec)
+            assert params[v].tobytes() == p.tobytes() and flips[v] == f, (i, v)
+
+
 @pytest.mark.gpu
-def test_gpu_pipeline_matches_cpu(shard_dir, table):
+def test_gpu_pipeline_matches_cpu(dataset, table):
     """mixed decode + GPU operators: same ids, float16 CUDA tensors close to the CPU graph's."""
     kwargs = dict(batch_size=BATCH, image_size=SIZE, workers=1, table=table, multires_sizes=(16,), seed=5)
-    cpu = PretrainLoader(shard_dir, **kwargs)
-    gpu = PretrainLoader(shard_dir, device=torch.device("cuda"), dtype=torch.float16, **kwargs)
+    cpu = PretrainLoader(dataset, **kwargs)
+    gpu = PretrainLoader(dataset, device=torch.device("cuda"), dtype=torch.float16, **kwargs)
     for a, b in zip(cpu, gpu):
         assert b["q"].is_cuda and b["q"].dtype == torch.float16 and b["id"].is_cuda
         assert torch.equal(a["id"], b["id"].cpu()) and torch.equal(a["pos_id"], b["pos_id"].cpu())
