@@ -100,22 +100,26 @@ def canonical_scores(queries: torch.Tensor, database: torch.Tensor, cand: torch.
     if r == 0 or c == 0:
         return out
     d = database.shape[1]
-    step = max(1, (256 << 20) // (c * d * 8))
+    step = max(1, ((256 if cand.is_cuda else 16) << 20) // (c * d * 8))
     safe = cand.clamp_min(0)
     for s in range(0, r, step):
         rows = database[safe[s:s + step]].double()
-        out[s:s + step] = (rows * queries[s:s + step, None, :].double()).sum(-1).float()
+        out[s:s + step] = torch.bmm(rows, queries[s:s + step, :, None].double())[:, :, 0].float()
     return out.masked_fill_(cand < 0, float("-inf"))
 
 
 def _select(scores: torch.Tensor, cand: torch.Tensor, kk: int):
-    """Top-kk of each row by (-score, id); cand -1 marks padding (sorts last)."""
-    key = torch.where(cand < 0, torch.full_like(cand, _INT64_MAX), cand)
-    by_id = key.argsort(dim=1)
-    scores, key = scores.gather(1, by_id), key.gather(1, by_id)
-    by_score = torch.argsort(scores, dim=1, descending=True, stable=True)[:, :kk]
-    sims, ids = scores.gather(1, by_score), key.gather(1, by_score)
-    return sims, ids.masked_fill_(ids == _INT64_MAX, -1)
+    """Top-kk of each row by (-score, id) in one top-k over an int64 key (the float32 score's
+    order-preserving integer in the high half, 2^32 - 1 - id in the low half); cand -1 marks
+    padding (sorts last)."""
+    bits = scores.contiguous().view(torch.int32)
+    order = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).long()  # signed order == float order
+    low = torch.where(cand < 0, torch.zeros_like(cand), 0xFFFFFFFF - cand)
+    key = (order << 32) | low
+    top = key.topk(min(kk, key.shape[1]), dim=1)
+    ids = 0xFFFFFFFF - (top.values & 0xFFFFFFFF)
+    ids = ids.masked_fill_(ids == 0xFFFFFFFF, -1)
+    return scores.gather(1, top.indices), ids
 
 
 def _mask_to_cand(mask: torch.Tensor) -> torch.Tensor:
