@@ -1,16 +1,25 @@
-"""`clim-fast demo --budget tiny`: embedded data -> shards -> MoCo v2 and CLIM -> eval -> report."""
+"""`clim-fast demo --budget tiny`: embedded data -> shards -> MoCo v2 and CLIM (2 seeds) -> eval -> report."""
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
 
 import numpy as np
+import pytest
 import torch
+import torchvision
 from PIL import Image
 from typer.testing import CliRunner
 
 from cli.app import app
+from clim_fast.config import Config
 from clim_fast.demo.digits import split_per_class, write_demo_folders
+from clim_fast.demo.progress import DemoProgress
+from clim_fast.demo.run import BUDGETS, compare, epoch_losses, mean_std, train_config
+from clim_fast.method.backbone import build_backbone, resnet
+from shards.errors import UserError
 
 
 def test_demo_folders_are_rgb_jpeg_class_folders(tmp_path):
@@ -30,32 +39,116 @@ def test_split_is_stratified_and_disjoint():
     assert np.bincount(labels[val]).tolist() == [2, 2, 2, 2]
 
 
+def test_budgets_are_config_overrides():
+    names = {f.name for f in dataclasses.fields(Config)}
+    for name, budget in BUDGETS.items():
+        assert set(budget.config) <= names, name
+        cfg = train_config("clim", budget, seed=3, overrides={"width": 24})
+        assert cfg.seed == 3 and cfg.width == 24 and cfg.mix == "cutmix"
+        assert all(getattr(cfg, k) == v for k, v in budget.config.items() if k != "width")
+    assert BUDGETS["gpu"].seeds == 3
+    with pytest.raises(UserError, match="unknown"):
+        train_config("moco_v2", BUDGETS["tiny"], 0, {"no_such_field": 1})
+    # epochs cut below the first mining epoch still mine once
+    assert train_config("clim", BUDGETS["cpu"], 0, {"epochs": 2}).clim_start_epoch == 1
+
+
+def test_width_scales_the_resnet_and_keeps_torchvision_names():
+    torch.manual_seed(0)
+    standard, dim = build_backbone("resnet18", 224)
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet18(weights=None)
+    assert dim == 512 and all(torch.equal(a, b) for a, b in zip(standard.state_dict().values(),
+                                                                 reference.state_dict().values()))
+    narrow, dim = build_backbone("resnet18", 32, width=16)
+    assert dim == 128 and narrow(torch.randn(2, 3, 32, 32)).shape == (2, 128)
+    assert set(narrow.state_dict()) == set(reference.state_dict()) - {"fc.weight", "fc.bias"}
+    assert sum(p.numel() for p in narrow.parameters()) < sum(p.numel() for p in standard.parameters()) / 10
+    wide, dim = build_backbone("resnet50", 128, width=32)
+    assert dim == 1024
+    missing = resnet("resnet50", width=32).load_state_dict(wide.state_dict(), strict=False)
+    assert sorted(missing.missing_keys) == ["fc.bias", "fc.weight"] and not missing.unexpected_keys
+    with pytest.raises(UserError, match="positive"):
+        Config(width=0)
+
+
+def test_seed_statistics_and_the_spread_verdict():
+    assert mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0) and mean_std([5.0]) == (5.0, 0.0)
+    a = [{"m": 80.0}, {"m": 81.0}, {"m": 79.0}]
+    clear = compare(a, [{"m": 85.0}, {"m": 86.2}, {"m": 84.1}], "m")
+    assert clear["difference"] == pytest.approx(5.1) and clear["exceeds_spread"] is True
+    lo, hi = clear["ci95"]
+    assert 0 < lo < 5.1 < hi
+    noisy = compare(a, [{"m": 84.0}, {"m": 78.0}, {"m": 80.0}], "m")
+    assert noisy["exceeds_spread"] is False and noisy["ci95"][0] < 0 < noisy["ci95"][1]
+    one = compare(a[:1], [{"m": 90.0}], "m")
+    assert one["difference"] == 10.0 and one["exceeds_spread"] is None
+
+
+def test_epoch_losses_average_the_anchor_term_per_epoch():
+    rows = [{"kind": "step", "epoch": 0, "loss": 9.0, "loss_moco": 5.0}, {"kind": "step", "epoch": 0, "loss_moco": 4.0},
+            {"kind": "epoch", "epoch": 0, "loss": 7.0}, {"kind": "step", "epoch": 1, "loss_moco": 3.0},
+            {"kind": "mine", "epoch": 1, "label_purity": 0.5}]
+    assert epoch_losses(rows) == [4.5, 3.0]
+    assert epoch_losses([{"kind": "epoch", "epoch": 0, "loss": 7.0}]) == [7.0]
+
+
+def test_plain_progress_lines_have_an_eta():
+    stream = io.StringIO()
+    progress = DemoProgress(live=False, stream=stream, every_s=0)
+    with progress.phase("train moco_v2 (seed 0)", total=10) as ph:
+        ph.advance_to(5, "epoch 1/2")
+        ph.advance_to(10, "epoch 2/2")
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "demo: train moco_v2 (seed 0) ..."
+    assert lines[1].startswith("demo: train moco_v2 (seed 0): epoch 1/2 [5/10, ") and "ETA" in lines[1]
+    assert lines[-1].startswith("demo: train moco_v2 (seed 0): done in ")
+
+
 def test_demo_tiny_end_to_end(tmp_path):
     out = tmp_path / "demo"
     result = CliRunner().invoke(app, ["demo", "--out", str(out), "--budget", "tiny", "--device", "cpu",
-                                      "--no-reference"])
+                                      "--seeds", "2", "--set", "width=8"])
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
     assert result.exit_code == 0, result.output
     assert result.stdout.strip().splitlines()[-1] == f"report: {(out / 'report.md').resolve()}"
+    # piped (not a terminal): plain progress lines per phase, training ones with an ETA
+    assert "demo: train clim (seed 1) ..." in result.stderr and "ETA" in result.stderr
 
     report = (out / "report.md").read_text()
-    assert "| moco_v2 |" in report and "| clim |" in report
-    assert "What this run shows, and what it cannot" in report
+    assert "| moco_v2 |" in report and "| clim |" in report and "| untrained |" in report
+    assert "±" in report and "CLIM minus MoCo v2" in report and "seed-to-seed spread" in report
+    assert "What this run shows, and what it cannot" in report and "width=8" in report
     for png in ("loss.png", "knn_top1.png", "intra_similarity.png", "tsne_moco_v2.png", "tsne_clim.png"):
         assert Image.open(out / png).format == "PNG", png
 
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["data"]["train"] == 90 and summary["data"]["val"] == 30
+    assert summary["data"]["train"] == 90 and summary["data"]["val"] == 30 and summary["seeds"] == 2
+    assert summary["config"]["width"] == 8 and summary["knn_k"] == 20
+    for name in ("moco_v2", "clim", "random_init"):
+        run = summary["runs"].get(name) or summary[name]
+        assert [r["seed"] for r in run["per_seed"]] == [0, 1]
+        top1 = [r["knn_top1"] for r in run["per_seed"]]
+        assert run["knn_top1"]["mean"] == pytest.approx(np.mean(top1))
+        assert run["knn_top1"]["std"] == pytest.approx(np.std(top1, ddof=1))
+        assert all(0 <= r["knn_top1"] <= r["knn_top5"] <= 100 for r in run["per_seed"])
     for preset in ("moco_v2", "clim"):
-        run = summary["runs"][preset]
-        assert 0 <= run["knn"]["top1"] <= run["knn"]["top5"] <= 100
-        assert -1 <= run["similarity"]["inter"] <= 1 and -1 <= run["similarity"]["intra"] <= 1
-        ckpt = torch.load(out / "runs" / preset / "checkpoints" / "last.pt", weights_only=True)
-        assert ckpt["epoch"] == 2 and ckpt["config"]["preset"] == preset
-        assert ckpt["config"]["image_size"] == 16 and ckpt["config"]["arch"] == "resnet18"
-    # only CLIM mined (once, at epoch 1), and its positives were measured against the labels
-    assert not (out / "runs" / "moco_v2" / "tables").exists() or \
-        not list((out / "runs" / "moco_v2" / "tables").glob("*.npz"))
-    assert [p.name for p in (out / "runs" / "clim" / "tables").glob("*.npz")] == ["table-epoch-0001.npz"]
-    assert 0.0 <= summary["mining"]["positive_label_purity"] <= 1.0
+        for s, r in enumerate(summary["runs"][preset]["per_seed"]):
+            assert len(r["epoch_loss"]) == 2 and r["first_loss"] == r["epoch_loss"][0]
+            ckpt = torch.load(out / "runs" / preset / f"seed-{s}" / "checkpoints" / "last.pt", weights_only=True)
+            assert ckpt["epoch"] == 2 and ckpt["config"]["preset"] == preset and ckpt["config"]["seed"] == s
+            assert ckpt["config"]["image_size"] == 16 and ckpt["config"]["width"] == 8
+    diff = summary["clim_minus_moco"]["knn_top1"]
+    assert diff["seeds"] == 2 and diff["exceeds_spread"] in (True, False)
+    assert diff["difference"] == pytest.approx(summary["runs"]["clim"]["knn_top1"]["mean"]
+                                               - summary["runs"]["moco_v2"]["knn_top1"]["mean"])
+    # only CLIM mined (once per seed, at epoch 1), each round's purity read from the run's log
+    assert not list((out / "runs" / "moco_v2").glob("seed-*/tables/*.npz"))
+    for s in (0, 1):
+        assert [p.name for p in (out / "runs" / "clim" / f"seed-{s}" / "tables").glob("*.npz")] == \
+            ["table-epoch-0001.npz"]
+        rounds = summary["runs"]["clim"]["per_seed"][s]["mining"]
+        assert [m["epoch"] for m in rounds] == [1] and 0.0 <= rounds[0]["label_purity"] <= 1.0
+    assert [m["epoch"] for m in summary["mining"]] == [1]
+    assert "| 1 |" in report  # the purity table's row for the round at epoch 1

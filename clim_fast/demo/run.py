@@ -1,17 +1,22 @@
 """`clim-fast demo`: the whole system on an embedded real dataset, MoCo v2 against CLIM.
 
 Steps, all under OUT: data/ (digits as RGB JPEG class folders) -> shards/{train,val} ->
-runs/{moco_v2,clim} (same budget; CLIM mines positives online) -> eval/ (features cached per
-checkpoint) -> report.md + PNGs.
+runs/{moco_v2,clim}/seed-S (same budget; CLIM mines positives online; one run per seed) ->
+eval/ (features cached per checkpoint) -> report.md + PNGs + summary.json.
+
+A budget is a set of Config overrides (any field of clim_fast.config.Config, the same for both
+presets; `--set key=value` adds to them) plus what is not training: the data, the seeds, the kNN
+protocol.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,67 +31,57 @@ PRESETS = ("moco_v2", "clim")
 
 @dataclass(frozen=True)
 class Budget:
-    """What both runs get. `per_class` caps images per digit before the train/val split."""
+    """What both presets get. `config`: Config overrides (the same for both). The rest is the demo's
+    own: images per digit before the train/val split (None: all), seeds per preset, the kNN k of
+    the evaluation, points per class in the t-SNE."""
+    config: dict = field(default_factory=dict)
     per_class: int | None = 200
     val_fraction: float = 0.2
-    image_size: int = 16
-    arch: str = "resnet18"
-    epochs: int = 5
-    batch_size: int = 64
-    queue_size: int = 1024
-    base_lr: float = 0.12
-    warmup_epochs: int = 0
-    temperature: float = 0.2
-    crop_min_scale: float = 0.2
-    ema_momentum: float = 0.99
-    clusters: int = 20
-    knn_k: int = 10
-    mine_every: int = 2
-    clim_start_epoch: int = 1
-    alpha: float = 2.0
-    workers: int = 1
-    dali_threads: int = 2
+    seeds: int = 1
+    eval_k: int = 200
     tsne_per_class: int = 100
 
 
-# tiny: the test's end-to-end run; cpu: the default without a GPU (measured: see README);
-# gpu: the default with one (all 5000 MNIST images at 32 px, more epochs).
+# What the budgets were measured with: see docs/benchmarks.md and the README's demo section.
 BUDGETS = {
-    "tiny": Budget(per_class=12, val_fraction=0.25, image_size=16, epochs=2, batch_size=30, queue_size=60,
-                   clusters=6, knn_k=5, mine_every=1, clim_start_epoch=1, tsne_per_class=8),
-    # cpu: the 5-epoch / batch 64 / queue 1024 / T 0.2 setting left the InfoNCE loss at log(K+1) and
-    # the trained backbones below an untrained one on kNN; batch 32 doubles the steps per epoch at the
-    # same lr (0.03), a queue of 256 (16 % of the 1600 images) and T 0.1 let the loss move. MoCo's
-    # crops down to 20 % of a 16 px digit often cut the digit away: crops of 50-100 % gave +10 points kNN.
-    "cpu": Budget(epochs=10, batch_size=32, queue_size=256, base_lr=0.24, warmup_epochs=1, temperature=0.1,
-                  crop_min_scale=0.5, clim_start_epoch=2),
-    # gpu: the queue must stay well below the 4000 training images (else it holds each image's own keys).
-    "gpu": Budget(per_class=None, image_size=32, epochs=30, batch_size=128, queue_size=1024, base_lr=0.06,
-                  warmup_epochs=2, temperature=0.1, crop_min_scale=0.5,
-                  clusters=60, knn_k=20, mine_every=3, clim_start_epoch=3, workers=4, dali_threads=4,
-                  tsne_per_class=200),
+    # tiny: the test's end-to-end run (seconds of training).
+    "tiny": Budget(per_class=12, val_fraction=0.25, eval_k=20, tsne_per_class=8, config=dict(
+        arch="resnet18", width=16, image_size=16, epochs=2, batch_size=30, queue_size=60, base_lr=0.12,
+        temperature=0.2, crop_min_scale=0.5, ema_momentum=0.99, clusters=6, knn_k=5, mine_every=1,
+        clim_start_epoch=1, workers=1, dali_threads=2)),
+    # cpu: the default without a GPU; about 10 minutes on 2 cores.
+    "cpu": Budget(per_class=200, eval_k=20, config=dict(
+        arch="resnet18", width=32, image_size=16, epochs=12, batch_size=64, queue_size=256, base_lr=0.12,
+        warmup_epochs=1, temperature=0.1, crop_min_scale=0.5, ema_momentum=0.99, clusters=20, knn_k=10,
+        mine_every=3, clim_start_epoch=3, workers=1, dali_threads=2)),
+    # gpu: the default with a CUDA GPU: all 5000 images at 32 px, 3 seeds, a few minutes.
+    "gpu": Budget(per_class=None, seeds=3, eval_k=20, tsne_per_class=200, config=dict(
+        arch="resnet18", width=64, image_size=32, epochs=24, batch_size=128, queue_size=1024, base_lr=0.06,
+        warmup_epochs=2, temperature=0.1, crop_min_scale=0.5, ema_momentum=0.99, clusters=60, knn_k=20,
+        mine_every=3, clim_start_epoch=3, workers=6, dali_threads=6)),
 }
+METRICS = ("knn_top1", "knn_top5", "intra", "inter", "gap", "first_loss", "final_loss", "train_seconds")
 
 
-def pick_budget(name: str, device: torch.device) -> Budget:
+def pick_budget(name: str, device: torch.device) -> tuple[str, Budget]:
     if name == "auto":
         name = "gpu" if device.type == "cuda" else "cpu"
     if name not in BUDGETS:
         raise UserError(f"--budget {name}: choose auto, {', '.join(BUDGETS)}")
-    return BUDGETS[name]
+    return name, BUDGETS[name]
 
 
-def train_config(preset: str, budget: Budget, seed: int):
+def train_config(preset: str, budget: Budget, seed: int, overrides: dict | None = None):
+    """The Config one demo run trains with: preset, then the budget's overrides, then the user's."""
     from clim_fast.config import make_config
 
-    return make_config(preset, dict(
-        arch=budget.arch, image_size=budget.image_size, epochs=budget.epochs, batch_size=budget.batch_size,
-        queue_size=budget.queue_size, base_lr=budget.base_lr, warmup_epochs=budget.warmup_epochs,
-        temperature=budget.temperature, crop_min_scale=budget.crop_min_scale, ema_momentum=budget.ema_momentum,
-        clusters=budget.clusters, knn_k=budget.knn_k, mine_every=budget.mine_every,
-        clim_start_epoch=budget.clim_start_epoch, alpha=budget.alpha, workers=budget.workers,
-        dali_threads=budget.dali_threads, checkpoint_every=budget.epochs, keep_checkpoints=1,
-        log_every=5, seed=seed))
+    values = dict(budget.config)
+    values.update(overrides or {})
+    epochs = int(values.get("epochs", 200))
+    if values.get("clim_start_epoch", 0) >= epochs:  # mine at least once when epochs are cut short
+        values["clim_start_epoch"] = max(0, epochs - 1)
+    values.update(seed=seed, checkpoint_every=epochs, keep_checkpoints=1, log_every=values.get("log_every", 5))
+    return make_config(preset, values)
 
 
 def machine_line(device: torch.device) -> str:
@@ -94,32 +89,73 @@ def machine_line(device: torch.device) -> str:
     return f"{device.type} ({cpu_name()}, {os.cpu_count()} cores{gpu})"
 
 
-def positive_purity(table_path: str | Path, labels: np.ndarray) -> dict:
-    """How often a mined positive shares its anchor's label (never seen by training)."""
-    from shards.neighbours import NeighbourTable
+# ---------------------------------------------------------------------------------------------
+# reading a run's log
 
-    table = NeighbourTable.load(table_path)
-    valid = table.positives >= 0
-    same = (labels[np.where(valid, table.positives, 0)] == labels[:, None]) & valid
-    per_anchor = same.sum(1) / np.maximum(valid.sum(1), 1)
-    return {"table": Path(table_path).name, "positive_label_purity": float(per_anchor.mean()),
-            "mean_positives": float(valid.sum(1).mean())}
+def epoch_losses(rows: list[dict], key: str = "loss_moco") -> list[float]:
+    """Per epoch, the mean of `key` over the logged steps (anchor InfoNCE by default: the term both
+    presets share, so CLIM's curve is not lifted by its mixing term)."""
+    per: dict[int, list[float]] = {}
+    for r in rows:
+        if r.get("kind") == "step" and key in r:
+            per.setdefault(int(r["epoch"]), []).append(float(r[key]))
+    if not per and key != "loss":
+        return epoch_losses(rows, "loss")
+    if not per:
+        return [float(r["loss"]) for r in rows if r.get("kind") == "epoch" and "loss" in r]
+    return [float(np.mean(per[e])) for e in sorted(per)]
 
 
-def _final_loss(rows: list[dict]) -> float | None:
-    epochs = [r for r in rows if r.get("kind") == "epoch" and "loss" in r]
-    return float(epochs[-1]["loss"]) if epochs else None
+def mining_rounds(rows: list[dict]) -> list[dict]:
+    """The `"kind": "mine"` records of a run: epoch, label purity of the positives, chance, ..."""
+    keep = ("epoch", "label_purity", "label_chance", "knn_top1_purity", "mean_positives", "fallback_share")
+    return [{k: r[k] for k in keep if k in r} for r in rows if r.get("kind") == "mine"]
 
+
+# ---------------------------------------------------------------------------------------------
+# statistics over seeds
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    v = [float(x) for x in values if x is not None]
+    if not v:
+        return float("nan"), float("nan")
+    return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+
+
+def aggregate(per_seed: list[dict]) -> dict:
+    return {m: dict(zip(("mean", "std"), mean_std([r.get(m) for r in per_seed]))) for m in METRICS
+            if any(r.get(m) is not None for r in per_seed)}
+
+
+def compare(a: list[dict], b: list[dict], metric: str) -> dict:
+    """b - a on `metric`, paired by seed: the mean difference, its seed-to-seed spread, a 95 %
+    interval (Student t) and whether the difference exceeds the spread (the interval excludes 0)."""
+    diffs = [float(y[metric]) - float(x[metric]) for x, y in zip(a, b)]
+    n = len(diffs)
+    mean, std = mean_std(diffs)
+    out = {"difference": mean, "std": std, "seeds": n, "per_seed": diffs}
+    if n < 2:
+        out.update(ci95=None, exceeds_spread=None)
+        return out
+    from scipy.stats import t as student_t
+
+    half = float(student_t.ppf(0.975, n - 1)) * std / math.sqrt(n)
+    out.update(ci95=[mean - half, mean + half], exceeds_spread=bool(abs(mean) > half))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the demo
 
 def run_demo(out: str | Path = "demo-out", *, budget: str = "auto", data: str | None = None,
-             device: str = "auto", seed: int = 0, epochs: int | None = None, image_size: int | None = None,
-             per_class: int | None = None, knn_k: int = 200, knn_t: float = 0.07, fresh: bool = False,
-             reference: bool = True, log=print) -> Path:
-    """Run the demo into `out`; returns the path of report.md."""
+             device: str = "auto", seed: int = 0, seeds: int | None = None, overrides: dict | None = None,
+             per_class: int | None = None, knn_k: int | None = None, knn_t: float = 0.07, fresh: bool = False,
+             reference: bool = True, progress=None, log=None) -> Path:
+    """Run the demo into `out`; returns the path of report.md. `overrides`: Config fields for both
+    presets on top of the budget's. `progress`: a DemoProgress (default: live in a terminal)."""
     from clim_fast.demo.digits import write_demo_folders
-    from clim_fast.evaluation.measures import checkpoint_features, class_similarity, knn_classify, tsne_plot
-    from clim_fast.demo.report import plot_bars, plot_loss_curves, read_log, write_report
-    from clim_fast.training.loop import run_training
+    from clim_fast.demo.progress import DemoProgress
     from shards import ShardDataset, write_shards
 
     started = time.time()
@@ -127,93 +163,181 @@ def run_demo(out: str | Path = "demo-out", *, budget: str = "auto", data: str | 
                        ("cpu" if device == "auto" else device))
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA GPU is available")
-    chosen = pick_budget(budget, dev)
-    chosen = replace(chosen, **{k: v for k, v in dict(epochs=epochs, image_size=image_size,
-                                                      per_class=per_class).items() if v is not None})
-    if chosen.clim_start_epoch >= chosen.epochs:
-        chosen = replace(chosen, clim_start_epoch=max(0, chosen.epochs - 1))
+    budget_name, chosen = pick_budget(budget, dev)
+    chosen = replace(chosen, **{k: v for k, v in dict(per_class=per_class, seeds=seeds, eval_k=knn_k).items()
+                                if v is not None})
+    if chosen.seeds < 1:
+        raise UserError(f"--seeds {chosen.seeds}: must be at least 1")
+    overrides = dict(overrides or {})
+    seed_list = [seed + i for i in range(chosen.seeds)]
+    cfgs = {p: train_config(p, chosen, seed, overrides) for p in PRESETS}  # bad --set fails here, early
+    base_cfg = cfgs["moco_v2"]
     out = Path(out)
     if fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    log(f"demo: budget {asdict(chosen)} on {machine_line(dev)}")
+    progress = progress or DemoProgress()
+    say = log or progress.log
+    try:
+        say(f"demo: budget {budget_name} on {machine_line(dev)}: {len(seed_list)} seed(s) x {list(PRESETS)}, "
+            f"{base_cfg.arch} width {base_cfg.width}, {base_cfg.image_size} px, {base_cfg.epochs} epochs, "
+            f"batch {base_cfg.batch_size}")
 
-    # 1. data -> shards (redone from scratch each time: cheap, and never stale)
-    shutil.rmtree(out / "data", ignore_errors=True)
-    summary_data = write_demo_folders(out / "data", source=data, image_size=chosen.image_size,
-                                      val_fraction=chosen.val_fraction, per_class=chosen.per_class, seed=seed)
-    log(f"demo: {summary_data['source']}: {summary_data['train']} train / {summary_data['val']} val images")
-    shard_dirs = {}
-    for split in ("train", "val"):
-        shard_dirs[split] = out / "shards" / split
-        shutil.rmtree(shard_dirs[split], ignore_errors=True)
-        write_shards(out / "data" / split, shard_dirs[split], maxcount=1000, workers=1, seed=seed)
-    train_set, val_set = ShardDataset(shard_dirs["train"]), ShardDataset(shard_dirs["val"])
+        # 1. data -> shards (redone from scratch each time: cheap, and never stale)
+        with progress.phase("data and shards", total=3) as ph:
+            shutil.rmtree(out / "data", ignore_errors=True)
+            summary_data = write_demo_folders(out / "data", source=data, image_size=base_cfg.image_size,
+                                              val_fraction=chosen.val_fraction, per_class=chosen.per_class,
+                                              seed=seed)
+            ph.advance_to(1, f"{summary_data['train']} train / {summary_data['val']} val images")
+            shard_dirs = {}
+            for i, split in enumerate(("train", "val")):
+                shard_dirs[split] = out / "shards" / split
+                shutil.rmtree(shard_dirs[split], ignore_errors=True)
+                write_shards(out / "data" / split, shard_dirs[split], maxcount=1000, workers=1, seed=seed)
+                ph.advance_to(2 + i, f"{split} shards")
+        say(f"demo: {summary_data['source']}: {summary_data['train']} train / {summary_data['val']} val images")
+        train_set, val_set = ShardDataset(shard_dirs["train"]), ShardDataset(shard_dirs["val"])
+        ctx = _Context(out, dev, chosen, overrides, shard_dirs, train_set, knn_t, progress, say)
 
-    # 2. train both presets with the same budget
-    gpus = 1 if dev.type == "cuda" else 0
-    runs, logs, checkpoints = {}, {}, {}
-    for preset in PRESETS:
-        run_dir = out / "runs" / preset
+        # 2. per seed: the untrained floor, both presets trained with the same budget, both evaluated
+        runs = {p: [] for p in PRESETS}
+        floor = []
+        for s in seed_list:
+            if reference:
+                floor.append(ctx.untrained(s))
+            for preset in PRESETS:
+                runs[preset].append(ctx.train_and_eval(preset, s, tsne=(s == seed_list[0])))
+
+        # 3. summary and report
+        summary = _summarise(runs, floor, chosen, overrides, budget_name, dev, summary_data, knn_t, val_set)
+        summary["seconds"] = time.time() - started
+        with progress.phase("report", total=1) as ph:
+            report = _write_outputs(out, summary, runs)
+            ph.advance_to(1)
+        say(f"demo: done in {summary['seconds']:.0f} s; report: {report.resolve()}")
+        return report
+    finally:
+        progress.close()
+
+
+class _Context:
+    """What every run of one demo shares: folders, device, budget, data, progress."""
+
+    def __init__(self, out, dev, budget, overrides, shard_dirs, train_set, knn_t, progress, say):
+        self.out, self.dev, self.budget, self.overrides = out, dev, budget, overrides
+        self.shard_dirs, self.train_set, self.knn_t = shard_dirs, train_set, knn_t
+        self.progress, self.say = progress, say
+        self.feature_kw = dict(batch_size=256, device=dev, workers=budget.config.get("workers", 1),
+                               threads=budget.config.get("dali_threads", 2))
+
+    def measure(self, train_f, train_y, val_f, val_y) -> dict:
+        from clim_fast.evaluation.measures import class_similarity, knn_classify
+
+        knn = knn_classify(train_f, train_y, val_f, val_y, k=self.budget.eval_k, t=self.knn_t,
+                           num_classes=self.train_set.num_classes)
+        sim = class_similarity(val_f, val_y)
+        return {"knn_top1": float(knn["top1"]), "knn_top5": float(knn["top5"]), "intra": float(sim["intra"]),
+                "inter": float(sim["inter"]), "gap": float(sim["intra"] - sim["inter"])}
+
+    def untrained(self, seed: int) -> dict:
+        """The same measurements on the untrained network that training seed `seed` starts from."""
+        from clim_fast.evaluation.measures import extract_backbone_features
+        from clim_fast.method.moco import MoCo
+
+        cfg = train_config("moco_v2", self.budget, seed, self.overrides)
+        with self.progress.phase(f"untrained {cfg.arch} (seed {seed})", total=2) as ph:
+            torch.manual_seed(cfg.seed)  # what the training loop does before building the model
+            model = MoCo(cfg)
+            kw = dict(image_size=cfg.image_size, **self.feature_kw)
+            train_f, train_y = extract_backbone_features(model, self.shard_dirs["train"], **kw)
+            ph.advance_to(1)
+            val_f, val_y = extract_backbone_features(model, self.shard_dirs["val"], **kw)
+            ph.advance_to(2)
+        result = dict(seed=seed, **self.measure(train_f, train_y, val_f, val_y))
+        self.say(f"demo: untrained (seed {seed}): kNN top-1 {result['knn_top1']:.2f} %")
+        return result
+
+    def train_and_eval(self, preset: str, seed: int, tsne: bool) -> dict:
+        from clim_fast.evaluation.measures import checkpoint_features, tsne_plot
+        from clim_fast.training.loop import run_training
+        from clim_fast.training.metrics import read_log
+
+        cfg = train_config(preset, self.budget, seed, self.overrides)
+        run_dir = self.out / "runs" / preset / f"seed-{seed}"
         shutil.rmtree(run_dir, ignore_errors=True)
-        cfg = train_config(preset, chosen, seed)
-        log(f"demo: training {preset} ({cfg.epochs} epochs) -> {run_dir}")
-        t0 = time.time()
-        checkpoints[preset] = run_training(cfg, shard_dirs["train"], run_dir, gpus=gpus, cpu_procs=1,
-                                           progress=False)
-        logs[preset] = read_log(run_dir / "log.jsonl")
-        runs[preset] = {"checkpoint": str(checkpoints[preset]), "train_seconds": time.time() - t0,
-                        "final_loss": _final_loss(logs[preset])}
+        steps_per_epoch = self.train_set.num_samples // cfg.batch_size
+        gpus = 1 if self.dev.type == "cuda" else 0
+        with self.progress.phase(f"train {preset} (seed {seed})", total=cfg.epochs * steps_per_epoch) as ph:
+            t0 = time.time()
+            with self.progress.watch_training(ph, run_dir, steps_per_epoch, cfg.epochs):
+                checkpoint = run_training(cfg, self.shard_dirs["train"], run_dir, gpus=gpus, cpu_procs=1,
+                                          progress=False)
+            train_seconds = time.time() - t0
+        rows = read_log(run_dir)
+        losses = epoch_losses(rows)
+        result = {"seed": seed, "checkpoint": str(checkpoint), "train_seconds": train_seconds,
+                  "epoch_loss": losses, "first_loss": losses[0] if losses else None,
+                  "final_loss": losses[-1] if losses else None, "mining": mining_rounds(rows)}
+        with self.progress.phase(f"evaluate {preset} (seed {seed})", total=2 + int(tsne)) as ph:
+            kw = dict(log=lambda msg: None, **self.feature_kw)
+            train_f, train_y = checkpoint_features(checkpoint, self.shard_dirs["train"], self.out / "eval", **kw)
+            ph.advance_to(1)
+            val_f, val_y = checkpoint_features(checkpoint, self.shard_dirs["val"], self.out / "eval", **kw)
+            ph.advance_to(2)
+            result.update(self.measure(train_f, train_y, val_f, val_y))
+            if tsne:
+                names = [n for n, _ in sorted(self.train_set.classes.items(), key=lambda kv: kv[1])]
+                tsne_plot(val_f, val_y, self.out / f"tsne_{preset}.png", classes=10, seed=seed,
+                          per_class=self.budget.tsne_per_class, class_names=names,
+                          title=f"{preset} (seed {seed}): t-SNE of validation features")
+                ph.advance_to(3)
+        purity = result["mining"][-1].get("label_purity") if result["mining"] else None
+        self.say(f"demo: {preset} (seed {seed}): kNN top-1 {result['knn_top1']:.2f} %, anchor loss "
+                 f"{_num(result['first_loss'])} -> {_num(result['final_loss'])} over the epochs"
+                 + (f", last mined positives {100 * purity:.1f} % same class" if purity is not None else "")
+                 + f", trained in {train_seconds:.0f} s")
+        return result
 
-    # 3. evaluate both the same way (query-encoder backbone, features cached per checkpoint)
-    eval_dir = out / "eval"
-    feature_kw = dict(batch_size=256, device=dev, workers=chosen.workers, threads=chosen.dali_threads)
-    names = [n for n, _ in sorted(train_set.classes.items(), key=lambda kv: kv[1])]
-    for preset in PRESETS:
-        ckpt = checkpoints[preset]
-        train_f, train_y = checkpoint_features(ckpt, shard_dirs["train"], eval_dir, log=log, **feature_kw)
-        val_f, val_y = checkpoint_features(ckpt, shard_dirs["val"], eval_dir, log=log, **feature_kw)
-        runs[preset]["knn"] = knn_classify(train_f, train_y, val_f, val_y, k=knn_k, t=knn_t,
-                                           num_classes=train_set.num_classes)
-        runs[preset]["similarity"] = class_similarity(val_f, val_y)
-        runs[preset]["tsne"] = tsne_plot(val_f, val_y, out / f"tsne_{preset}.png", classes=10, seed=seed,
-                                         per_class=chosen.tsne_per_class, class_names=names,
-                                         title=f"{preset}: t-SNE of validation features")
-        log(f"demo: {preset}: kNN top-1 {runs[preset]['knn']['top1']:.2f} %, "
-            f"intra {runs[preset]['similarity']['intra']:.3f} / inter {runs[preset]['similarity']['inter']:.3f}")
 
-    random_init = _random_init_reference(train_config("moco_v2", chosen, seed), shard_dirs, feature_kw,
-                                         train_set.num_classes, knn_k, knn_t, seed) if reference else None
-    tables = sorted((out / "runs" / "clim" / "tables").glob("table-epoch-*.npz"))
-    mining = positive_purity(tables[-1], train_set.labels) if tables else {}
+def _num(v, digits: int = 3) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}"
 
-    # 4. report
-    plot_loss_curves(logs, out / "loss.png")
-    plot_bars({p: runs[p]["knn"]["top1"] for p in PRESETS}, out / "knn_top1.png",
-              f"kNN top-1 on {val_set.num_samples} validation images", "top-1 (%)", ylim=(0, 100))
-    plot_bars({p: runs[p]["similarity"]["intra"] for p in PRESETS}, out / "intra_similarity.png",
-              "Intra-class cosine similarity", "mean cosine", ylim=(0, 1))
-    summary = {"data": summary_data, "budget": asdict(chosen), "device": machine_line(dev), "runs": runs,
-               "mining": mining, "knn_k": knn_k, "knn_t": knn_t,
-               "seconds": time.time() - started}
-    if random_init is not None:
-        summary["random_init"] = random_init
+
+def _summarise(runs, floor, budget, overrides, budget_name, dev, data, knn_t, val_set) -> dict:
+    cfg = train_config("moco_v2", budget, 0, overrides).to_dict()
+    shared = {k: cfg[k] for k in (*budget.config, *overrides)}
+    summary = {"data": data, "budget": budget_name, "config": shared, "seeds": len(runs["moco_v2"]),
+               "per_class": budget.per_class, "val_fraction": budget.val_fraction, "device": machine_line(dev),
+               "knn_k": budget.eval_k, "knn_t": knn_t, "val_images": val_set.num_samples, "runs": {}}
+    for preset, per_seed in runs.items():
+        summary["runs"][preset] = {"per_seed": per_seed, **aggregate(per_seed)}
+    if floor:
+        summary["random_init"] = {"per_seed": floor, **aggregate(floor)}
+        summary["gain_over_untrained"] = {p: compare(floor, runs[p], "knn_top1") for p in PRESETS}
+    summary["clim_minus_moco"] = {m: compare(runs["moco_v2"], runs["clim"], m)
+                                  for m in ("knn_top1", "knn_top5", "intra", "gap")}
+    rounds: dict[int, list[dict]] = {}
+    for r in runs["clim"]:
+        for m in r["mining"]:
+            rounds.setdefault(int(m["epoch"]), []).append(m)
+    summary["mining"] = [dict(epoch=e, **{f"{k}_{s}": v for k in ("label_purity", "label_chance")
+                                          for s, v in zip(("mean", "std"), mean_std([m.get(k) for m in ms]))})
+                         for e, ms in sorted(rounds.items())]
+    return summary
+
+
+def _write_outputs(out: Path, summary: dict, runs: dict) -> Path:
+    from clim_fast.demo.report import plot_bars, plot_training, write_report
+
+    plot_training(runs, out / "loss.png")
+    values = {p: (summary["runs"][p]["knn_top1"]["mean"], summary["runs"][p]["knn_top1"]["std"]) for p in PRESETS}
+    if "random_init" in summary:
+        values = {"untrained": (summary["random_init"]["knn_top1"]["mean"],
+                                summary["random_init"]["knn_top1"]["std"]), **values}
+    plot_bars(values, out / "knn_top1.png", f"kNN top-1 on {summary['val_images']} validation images",
+              "top-1 (%)", ylim=(0, 100))
+    plot_bars({p: (summary["runs"][p]["intra"]["mean"], summary["runs"][p]["intra"]["std"]) for p in PRESETS},
+              out / "intra_similarity.png", "Intra-class cosine similarity", "mean cosine", ylim=(0, 1))
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
-    report = write_report(out, summary)
-    log(f"demo: done in {summary['seconds']:.0f} s; report: {report.resolve()}")
-    return report
-
-
-def _random_init_reference(cfg, shard_dirs, feature_kw, num_classes, knn_k, knn_t, seed) -> dict:
-    """The same measurements on an untrained network, so the trained numbers have a floor."""
-    from clim_fast.evaluation.measures import class_similarity, extract_backbone_features, knn_classify
-    from clim_fast.method.moco import MoCo
-
-    torch.manual_seed(seed)
-    model = MoCo(cfg)
-    kw = dict(image_size=cfg.image_size, batch_size=feature_kw["batch_size"], device=feature_kw["device"],
-              workers=feature_kw["workers"], threads=feature_kw["threads"])
-    train_f, train_y = extract_backbone_features(model, shard_dirs["train"], **kw)
-    val_f, val_y = extract_backbone_features(model, shard_dirs["val"], **kw)
-    return {"knn": knn_classify(train_f, train_y, val_f, val_y, k=knn_k, t=knn_t, num_classes=num_classes),
-            "similarity": class_similarity(val_f, val_y)}
+    return write_report(out, summary)
