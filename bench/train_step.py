@@ -1,9 +1,14 @@
-"""Training-step throughput: synthetic tensors vs the real DALI pretrain graph, for moco_v2 and
-clim_multires, in one run. Prints anchors/s, step time, the data-wait share and real/synthetic.
+"""Training-step throughput: the compute ceiling (synthetic batches) against real DALI batches,
+for moco_v2, clim and clim_multires, side by side in one run.
 
-    python bench/train_step.py                 # small: resnet18, 32 px, batch 16, CPU
-    python bench/train_step.py --full          # RN50, 224 px, batch 256, bf16, GPU
-    python bench/train_step.py --json out.json
+The synthetic batch is built on the device once, with every view the real loader hands out, and
+reused for every step: nothing is generated inside the timed loop, so it measures the step alone.
+The real rows read shards through the training loader with a same-label neighbour table. Each row
+runs `--warmup` steps, then times steps until `--steps` or its time box (`--row-seconds`) ends.
+Per row: anchors/s, ms per step, data-wait share; per preset: real / synthetic.
+
+    python bench/train_step.py                      # small: resnet18, 32 px, batch 16, CPU
+    python bench/train_step.py --full --shards DIR  # RN50, 224 px, batch 256, bf16, GPU
 """
 
 from __future__ import annotations
@@ -15,56 +20,106 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "tests")]
 
 from clim_fast.config import make_config  # noqa: E402
-from doubles import SyntheticPretrainLoader, label_table  # noqa: E402
-from clim_fast.training.loop import Trainer, train_step  # noqa: E402
 from clim_fast.machine import machine_info  # noqa: E402
+from clim_fast.method.clim import CLIM  # noqa: E402
+from clim_fast.training.loop import ShardData  # noqa: E402
+from dali_pipelines.names import anchor_view_names, positive_view_names  # noqa: E402
+from shards.neighbours import NeighbourTable  # noqa: E402
 
 
-def measure(trainer: Trainer, loader, steps: int, warmup: int) -> dict:
-    """Time `steps` train steps after `warmup`, splitting wall time into data wait and the rest."""
-    cfg, dev = trainer.cfg, trainer.device
-    loader.set_epoch(0)
-    it, done, wait, start = iter(loader), 0, 0.0, None
-    while done < warmup + steps:
+def same_label_table(labels: np.ndarray, dataset_id: str, k: int = 8, seed: int = 0) -> NeighbourTable:
+    """Positives: k random samples of the anchor's class (what a good mining round approaches)."""
+    rng = np.random.default_rng(seed)
+    positives = np.empty((len(labels), k), np.int32)
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        positives[members] = rng.choice(members, size=(len(members), k))
+    return NeighbourTable(positives, np.full(len(labels), k, np.int32), labels.astype(np.int32),
+                          {"dataset_id": dataset_id, "k": k})
+
+
+def synthetic_batch(cfg, device) -> dict:
+    b, s = cfg.batch_size, cfg.image_size
+    g = torch.Generator(device=device).manual_seed(0)
+    names = anchor_view_names(cfg.multires_sizes)
+    if cfg.uses_positives:
+        names += positive_view_names(cfg.multires_sizes)
+    sizes = {n: (int(n.rsplit("_r", 1)[1]) if "_r" in n else s) for n in names}
+    batch = {n: torch.randn(b, 3, sizes[n], sizes[n], generator=g, device=device) for n in names}
+    batch["id"] = torch.arange(b, device=device)
+    batch["label"] = torch.zeros(b, dtype=torch.int64, device=device)
+    return batch
+
+
+def build(cfg, device):
+    torch.manual_seed(0)
+    model = CLIM(cfg).to(device)
+    if device.type == "cuda" and cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        model.encoder_q.compile()
+        model.encoder_k.compile()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, momentum=0.9,
+                                weight_decay=1e-4, fused=device.type == "cuda")
+    return model, optimizer
+
+
+def measure(model, optimizer, batches, cfg, device, *, warmup: int, steps: int, seconds: float) -> dict:
+    """The loop's step (as train_one_epoch runs it) timed after `warmup`; wall time split into
+    waiting for the next batch and the rest."""
+    done, timed, wait, start = 0, 0, 0.0, None
+    deadline = time.perf_counter() + seconds
+    it = iter(batches)
+    while True:
         t0 = time.perf_counter()
-        try:
-            batch = next(it)
-        except StopIteration:
-            loader.set_epoch(done)
-            it = iter(loader)
-            continue
+        batch = next(it)
         if done == warmup:
-            if dev.type == "cuda":
+            if device.type == "cuda":
                 torch.cuda.synchronize()
-            start, wait = time.perf_counter(), 0.0
+            start = time.perf_counter()
         elif done > warmup:
             wait += time.perf_counter() - t0
-        train_step(trainer.model, trainer.query_fn, trainer.optimizer, batch, cfg, trainer.gens,
-                   autocast=trainer.autocast, channels_last=trainer.channels_last)
+            timed += 1
+        loss, _ = model(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        model.enqueue_keys()
         done += 1
-    if dev.type == "cuda":
+        if done > warmup and (timed + 1 >= steps or time.perf_counter() > deadline):
+            break
+    if device.type == "cuda":
         torch.cuda.synchronize()
+    timed += 1
     elapsed = time.perf_counter() - start
-    return {"anchors_per_s": steps * cfg.batch_size / elapsed, "step_time_ms": 1000 * elapsed / steps,
-            "data_wait_share": wait / elapsed}
+    return {"anchors_per_s": timed * cfg.batch_size / elapsed, "step_time_ms": 1000 * elapsed / timed,
+            "data_wait_share": wait / elapsed, "steps": timed}
 
 
-def real_shards(args, tmp: Path) -> Path | None:
-    if args.shards:
-        return Path(args.shards)
-    try:
-        from photos import make_photo_folder
-        from shards import write_shards
-        import dali_pipelines  # noqa: F401
-    except ImportError as e:
-        print(f"real data skipped ({e})")
-        return None
-    make_photo_folder(tmp / "photos", classes=4, per_class=max(8, args.batch // 2), seed=0)
+def repeat(batch):
+    while True:
+        yield batch
+
+
+def real_batches(loader):
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def generated_shards(tmp: Path, per_class: int) -> Path:
+    from photos import make_photo_folder
+    from shards import write_shards
+
+    make_photo_folder(tmp / "photos", classes=4, per_class=per_class, seed=0)
     write_shards(tmp / "photos", tmp / "shards", maxcount=64, workers=1, seed=0)
     return tmp / "shards"
 
@@ -73,49 +128,64 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="RN50 / 224 px / batch 256 / bf16 on the GPU")
     ap.add_argument("--shards", help="real shards to read (default: a small generated set)")
-    ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--presets", default="moco_v2,clim_multires")
+    ap.add_argument("--presets", default="moco_v2,clim,clim_multires")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per row (at most)")
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--row-seconds", type=float, default=None, help="time box of a row's timed steps")
+    ap.add_argument("--variants", default="", help="extra synthetic rows for clim_multires: "
+                    "no_cudnn_benchmark, compile (comma-separated)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.full:
-        arch, size, args.batch, steps, workers = "resnet50", 224, 256, args.steps or 50, 14
+        arch, size, batch, workers, threads = "resnet50", 224, 256, 12, 4
+        steps, warmup, box = args.steps or 60, args.warmup or 8, args.row_seconds or 15
     else:
         torch.set_num_threads(2)
-        arch, size, args.batch, steps, workers = "resnet18", 32, 16, args.steps or 3, 1
+        arch, size, batch, workers, threads = "resnet18", 32, 16, 1, 1
+        steps, warmup, box = args.steps or 3, args.warmup or 1, args.row_seconds or 20
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as train_worker sets it
     results = {"machine": machine_info(), "device": str(device), "arch": arch, "image_size": size,
-               "batch": args.batch, "runs": []}
+               "batch": batch, "warmup": warmup, "runs": []}
     print(json.dumps(results["machine"]))
     with tempfile.TemporaryDirectory() as tmp:
-        shards_dir = real_shards(args, Path(tmp))
+        shards_dir = Path(args.shards) if args.shards else generated_shards(Path(tmp), max(8, batch // 2))
+        data = ShardData(shards_dir)
+        table = same_label_table(data.dataset.labels, data.dataset_id)
         for preset in args.presets.split(","):
-            cfg = make_config(preset, dict(arch=arch, image_size=size, batch_size=args.batch,
-                                           queue_size=args.batch * 16, workers=workers,
-                                           dali_threads=4 if args.full else 1))
-            trainer = Trainer(cfg, None, Path(tmp), device, progress=False)
-            n = 4 * args.batch
-            table = label_table(torch.arange(n).numpy() % 4) if cfg.uses_positives else None
-            synth = SyntheticPretrainLoader(n, batch_size=args.batch, image_size=size, device=device, seed=0,
-                                            multires_sizes=cfg.multires_sizes, table=table)
-            row = {"preset": preset, "synthetic": measure(trainer, synth, steps, warmup=1)}
-            if shards_dir is not None:
-                from dali_pipelines import PretrainLoader
-                from shards import open_shards
-
-                data = open_shards(shards_dir)
-                rtable = label_table(data.labels, dataset_id=data.dataset_id) if cfg.uses_positives else None
-                loader = PretrainLoader(shards_dir, batch_size=args.batch, image_size=size, device=device, seed=0,
-                                        workers=cfg.workers, threads=cfg.dali_threads,
-                                        multires_sizes=cfg.multires_sizes, table=rtable)
-                try:
-                    row["real"] = measure(trainer, loader, steps, warmup=1)
-                finally:
-                    loader.close()
-                row["real_over_synthetic"] = row["real"]["anchors_per_s"] / row["synthetic"]["anchors_per_s"]
+            cfg = make_config(preset, dict(arch=arch, image_size=size, batch_size=batch, queue_size=batch * 16,
+                                           workers=workers, dali_threads=threads))
+            model, optimizer = build(cfg, device)
+            row = {"preset": preset, "synthetic": measure(model, optimizer, repeat(synthetic_batch(cfg, device)), cfg,
+                                                          device, warmup=warmup, steps=steps, seconds=box)}
+            print(json.dumps(row), flush=True)
+            loader = data.loader(cfg, 0, 1, device, None)
+            if cfg.uses_positives:
+                loader.set_table(table)
+            try:
+                row["real"] = measure(model, optimizer, real_batches(loader), cfg, device, warmup=warmup,
+                                      steps=steps, seconds=box)
+            finally:
+                loader.close()
+            row["real_over_synthetic"] = row["real"]["anchors_per_s"] / row["synthetic"]["anchors_per_s"]
             results["runs"].append(row)
-            print(json.dumps(row))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+            print(json.dumps(row), flush=True)
+            if args.json:
+                Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        for variant in filter(None, args.variants.split(",")):
+            cfg = make_config("clim_multires", dict(arch=arch, image_size=size, batch_size=batch,
+                                                    queue_size=batch * 16, compile=variant == "compile"))
+            if device.type == "cuda":
+                torch.backends.cudnn.benchmark = variant != "no_cudnn_benchmark"
+            model, optimizer = build(cfg, device)
+            row = {"preset": "clim_multires", "variant": variant,
+                   "synthetic": measure(model, optimizer, repeat(synthetic_batch(cfg, device)), cfg, device,
+                                        warmup=warmup, steps=steps, seconds=box)}
+            results["runs"].append(row)
+            print(json.dumps(row), flush=True)
+            if args.json:
+                Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

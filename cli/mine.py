@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 
 from shards.errors import UserError
+from clim_fast.config import MINE_ENGINES, MINE_FEATURES
 from clim_fast.machine import resolve_device
 
 
@@ -28,15 +29,16 @@ def mine_command(
     threads: int = typer.Option(2, "--threads", help="DALI threads."),
 ) -> None:
     """Mine center-wise positives with a checkpoint's momentum encoder and write a table for
-    `clim-fast train --set init_table=TABLE`."""
+    `clim-fast train --table TABLE`."""
     from clim_fast.training.checkpoint import model_from_checkpoint
-    from clim_fast.mining.engine import ENGINES, check_sizes, format_stats, mine_from_model
+    from clim_fast.mining.engine import mine_from_model
+    from clim_fast.mining.select import check_sizes, format_stats
     from shards import ShardDataset
 
-    if engine not in ENGINES:
-        raise UserError(f"--engine {engine}: choose from {', '.join(ENGINES)}")
-    if feature not in (None, "head", "backbone"):
-        raise UserError(f"--feature {feature}: choose head or backbone")
+    if engine not in MINE_ENGINES:
+        raise UserError(f"--engine {engine}: choose from {', '.join(MINE_ENGINES)}")
+    if feature not in (None, *MINE_FEATURES):
+        raise UserError(f"--feature {feature}: choose from {', '.join(MINE_FEATURES)}")
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: must be positive")
     dev = resolve_device(device)
@@ -47,7 +49,7 @@ def mine_command(
     clusters = cfg.clusters if clusters is None else clusters
     k = cfg.knn_k if k is None else k
     check_sizes(dataset.num_samples, clusters, k)
-    table, stats = mine_from_model(model, cfg, shards, device=dev, clusters=clusters, k=k, engine=engine,
+    table, stats = mine_from_model(model, cfg, dataset, device=dev, clusters=clusters, k=k, engine=engine,
                                    batch_size=batch_size, epoch=int(ckpt.get("epoch", 0)),
                                    checkpoint=str(checkpoint))
     table.save(out)

@@ -26,12 +26,16 @@ def register(app: typer.Typer) -> None:
         image_size: Optional[int] = typer.Option(None, "--image-size"),
         table: Optional[Path] = typer.Option(None, "--table", help="offline neighbour table to start from"),
         sets: list[str] = typer.Option([], "--set", help="config override key=value (repeatable)"),
-        resume: Optional[str] = typer.Option(None, "--resume", help="'auto' (newest valid checkpoint in RUN) or a path"),
+        resume: Optional[str] = typer.Option(None, "--resume", help="'auto': the newest checkpoint in RUN that loads (refused when RUN has checkpoints and none "
+                                   "loads); 'fresh': the same, but start over in that case; or a checkpoint path"),
         nnodes: int = typer.Option(1, "--nnodes"),
         node_rank: int = typer.Option(0, "--node-rank"),
         master_addr: Optional[str] = typer.Option(None, "--master-addr"),
         master_port: Optional[int] = typer.Option(None, "--master-port"),
         compile: bool = typer.Option(False, "--compile", help="torch.compile the encoders"),
+        share_gpu: bool = typer.Option(False, "--share-gpu", hidden=True,
+                                       help="run the --gpus N ranks on GPU 0 over gloo (checks multi-rank code "
+                                            "on a one-GPU machine)"),
     ):
         """Pretrain MoCo v2 / CLIM on shards."""
         import torch
@@ -53,7 +57,8 @@ def register(app: typer.Typer) -> None:
         else:
             cfg = make_config(preset or "moco_v2", overrides)
         final = run_training(cfg, shards, out, gpus=gpus, cpu_procs=cpu_procs, resume=resume, nnodes=nnodes,
-                             node_rank=node_rank, master_addr=master_addr, master_port=master_port)
+                             node_rank=node_rank, master_addr=master_addr, master_port=master_port,
+                             share_gpu=share_gpu)
         print(json.dumps({"checkpoint": str(final), "run": str(out)}))
 
     @app.command()

@@ -18,17 +18,22 @@ def encode_share(encode_fn, loader) -> tuple[torch.Tensor, torch.Tensor, torch.T
     """Run `encode_fn(images) -> [B, d]` over a FeatureLoader (this rank's share, each sample once).
 
     Returns (features float32 [n, d] L2-normalised, on the encoder's device; ids int64 [n];
-    labels int64 [n]) for this rank's share. A rank with an empty share returns [0, d] features,
-    with d agreed with the other ranks."""
+    labels int64 [n]) for this rank's share. Local only (no collective): a rank with an empty share
+    returns [0, 0] features; `agree_width` fixes that once every rank is known to have succeeded."""
     feats, ids, labels = [], [], []
     for batch in loader:
         feats.append(torch.nn.functional.normalize(encode_fn(batch["image"]).float(), dim=1))
         ids.append(batch["id"].reshape(-1).long().cpu())
         labels.append(batch["label"].reshape(-1).long().cpu())
-    dim = max(dd.all_gather_object(feats[0].shape[1] if feats else 0))
     if not feats:
-        return torch.empty(0, dim), torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64)
+        return torch.empty(0, 0), torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64)
     return torch.cat(feats), torch.cat(ids), torch.cat(labels)
+
+
+def agree_width(feats: torch.Tensor) -> torch.Tensor:
+    """Collective: an empty share's [0, 0] features become [0, d] with the other ranks' d."""
+    dim = max(dd.all_gather_object(feats.shape[1]))
+    return feats if feats.shape[1] == dim else feats.new_empty(0, dim)
 
 
 def check_coverage(ids: torch.Tensor, num_samples: int) -> None:
@@ -46,6 +51,7 @@ def extract_features(encode_fn, loader, num_samples: int) -> tuple[torch.Tensor,
     """(features float32 [N, d] CPU tensor, L2-normalised, row i = sample id i; labels int64 [N]) on
     every rank: the ranks' shares are all-gathered and placed by sample id."""
     feats, ids, labels = encode_share(encode_fn, loader)
+    feats = agree_width(feats)
     check_coverage(ids, num_samples)
     all_ids = dd.all_gather_varlen(ids)
     out_feats = torch.empty(num_samples, feats.shape[1])

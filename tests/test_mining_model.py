@@ -1,4 +1,4 @@
-"""Mining with the real pieces: features from FeatureLoader + MoCo, refresh_table, `clim-fast mine`."""
+"""Mining with the real pieces: features from FeatureLoader + MoCo, online rounds, `clim-fast mine`."""
 
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ from typer.testing import CliRunner
 from clim_fast.training.checkpoint import save_checkpoint
 from clim_fast.config import make_config
 from shards.errors import UserError
-from clim_fast.features import extract_features
-from clim_fast.mining.engine import encode_fn, mine_table, refresh_table
+from clim_fast.features import extract_features, momentum_features
+from clim_fast.mining.engine import mine_table
+from clim_fast.mining.rounds import OnlineMining
 from clim_fast.method.moco import MoCo
+from shards import ShardDataset
 from shards.neighbours import NeighbourTable
 
 CPU = torch.device("cpu")
@@ -43,13 +45,13 @@ def checkpoint(tmp_path_factory):
 def _loader(shard_dir, cfg, batch_size=16):
     from dali_pipelines import FeatureLoader
 
-    return FeatureLoader(shard_dir, batch_size=batch_size, image_size=cfg.image_size, workers=0, threads=1)
+    return FeatureLoader(ShardDataset(shard_dir), batch_size=batch_size, image_size=cfg.image_size, workers=0, threads=1)
 
 
 def features(shard_dir, cfg, model, batch_size=16, kind="backbone"):
     loader = _loader(shard_dir, cfg, batch_size)
     try:
-        return extract_features(encode_fn(model, kind, CPU), loader, loader.num_samples)
+        return extract_features(momentum_features(model, kind, CPU), loader, loader.num_samples)
     finally:
         loader.close()
 
@@ -70,7 +72,7 @@ def test_extract_features_id_order_and_labels(shard_dir, photo_features):
     torch.testing.assert_close(feats.norm(dim=1), torch.ones(48))
     # row i is sample i: encode a few samples directly and compare
     loader_batch = next(iter(_loader(shard_dir, cfg)))
-    direct = encode_fn(model, "backbone", CPU)(loader_batch["image"][:4])
+    direct = momentum_features(model, "backbone", CPU)(loader_batch["image"][:4])
     torch.testing.assert_close(feats[loader_batch["id"][:4]], direct, atol=1e-4, rtol=0)
 
 
@@ -132,8 +134,10 @@ def test_refresh_changes_the_positives_the_pipeline_serves(shard_dir, tmp_path):
     cfg = tiny_config(clusters=10000, knn_k=40)  # clamped to 12 clusters
     run = tmp_path / "run"
     run.mkdir()
-    table1, path1 = refresh_table(tiny_model(cfg, seed=1), cfg, shard_dir, run, 1, CPU)
-    table2, path2 = refresh_table(tiny_model(cfg, seed=2), cfg, shard_dir, run, 2, CPU)
+    mining = OnlineMining(cfg, ShardDataset(shard_dir), run, CPU)
+    table1, path1, record1 = mining(tiny_model(cfg, seed=1), 1)
+    table2, path2, record2 = mining(tiny_model(cfg, seed=2), 2)  # the same feature loader, reused
+    mining.close()
     assert path1.name == "table-epoch-0001.npz" and path2.name == "table-epoch-0002.npz"
     for table, path in ((table1, path1), (table2, path2)):
         saved = NeighbourTable.load(path)
@@ -141,10 +145,11 @@ def test_refresh_changes_the_positives_the_pipeline_serves(shard_dir, tmp_path):
         saved.check_matches(ShardDataset(shard_dir).dataset_id, 48)
         assert saved.meta["clusters"] == 12 and saved.meta["k"] == 40 and saved.meta["warnings"]
     assert not np.array_equal(table1.positives, table2.positives)
-    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    assert [(r["kind"], r["epoch"]) for r in records] == [("mine", 1), ("mine", 2)]
+    assert [(r["kind"], r["epoch"]) for r in (record1, record2)] == [("mine", 1), ("mine", 2)]
+    for part in ("feature_s", "kmeans_s", "knn_s", "select_s", "exchange_s", "save_s"):
+        assert record2[part] >= 0, part
 
-    loader = PretrainLoader(shard_dir, batch_size=16, image_size=32, workers=0, threads=1, table=table1)
+    loader = PretrainLoader(ShardDataset(shard_dir), batch_size=16, image_size=32, workers=0, threads=1, table=table1)
     try:
         served = {}
         for epoch, table in ((1, table1), (2, table2)):
@@ -204,17 +209,17 @@ def test_mine_command_errors(shard_dir, checkpoint, tmp_path):
 def _refresh_worker(rank, world, port, shard_dir, out, fail_on_rank0):
     import torch.distributed as dist
 
-    import clim_fast.mining.engine as mining
+    import clim_fast.mining.rounds as rounds
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         if fail_on_rank0 and rank == 0:
             def broken(*args, **kwargs):
                 raise ValueError("injected failure")
-            mining.mine_table = broken  # only rank 0 mines
+            rounds.encode_share = broken  # rank 0's feature pass fails
         cfg = tiny_config()
         try:
-            table, _ = refresh_table(tiny_model(cfg), cfg, shard_dir, out, 0, CPU)
+            table, _, _ = OnlineMining(cfg, ShardDataset(shard_dir), out, CPU)(tiny_model(cfg), 0)
             np.save(f"{out}/rank{rank}.npy", table.positives)
         except Exception as e:
             (out / f"rank{rank}.err").write_text(str(e))
@@ -223,7 +228,7 @@ def _refresh_worker(rank, world, port, shard_dir, out, fail_on_rank0):
 
 
 @pytest.mark.parametrize("fail_on_rank0", [False, True])
-def test_refresh_on_two_ranks_broadcasts_the_table_or_fails_on_both(shard_dir, tmp_path, fail_on_rank0):
+def test_two_ranks_mine_the_single_process_table_or_fail_on_both(shard_dir, tmp_path, fail_on_rank0):
     from clim_fast.distributed import free_port
 
     # spawn, not fork: a child forked from a process that already ran DALI pipelines can deadlock
@@ -234,6 +239,6 @@ def test_refresh_on_two_ranks_broadcasts_the_table_or_fails_on_both(shard_dir, t
         assert "rank 0" in (tmp_path / "rank1.err").read_text()
         return
     cfg = tiny_config()
-    single, _ = refresh_table(tiny_model(cfg), cfg, shard_dir, tmp_path / "single", 0, CPU)
+    single, _, _ = OnlineMining(cfg, ShardDataset(shard_dir), tmp_path / "single", CPU)(tiny_model(cfg), 0)
     for rank in range(2):
         np.testing.assert_array_equal(np.load(tmp_path / f"rank{rank}.npy"), single.positives)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from clim_fast import distributed as dd
-from clim_fast.features import check_coverage, encode_share, momentum_features
+from clim_fast.features import agree_width, check_coverage, encode_share, momentum_features
 from clim_fast.mining.select import clamp_sizes, format_stats, table_stats
 from clim_fast.mining.sharded import mine_round
 from dali_pipelines import FeatureLoader
@@ -87,6 +87,7 @@ class OnlineMining:
         except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
             failure = e
         dd.raise_if_any_failed(failure, "mining (feature pass)")
+        feats = agree_width(feats)
         check_coverage(ids, n)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -30,27 +30,34 @@ class Launch:
     master_addr: str
     master_port: int
     launched_by: dist.LaunchEnv | None = None
+    share_gpu: bool = False  # every local rank on GPU 0, over gloo (to exercise multi-rank code on one GPU)
 
     def device(self, local_rank: int) -> torch.device:
         if self.gpus == 0:
             return torch.device("cpu")
+        if self.share_gpu:
+            return torch.device("cuda", 0)
         return torch.device("cuda", self.launched_by.local_rank if self.launched_by else local_rank)
+
+    @property
+    def backend(self) -> str:
+        return "nccl" if self.gpus > 0 and not self.share_gpu else "gloo"
 
 
 def plan_launch(*, gpus: int, cpu_procs: int, nnodes: int = 1, node_rank: int = 0, master_addr: str | None = None,
-                master_port: int | None = None) -> Launch:
+                master_port: int | None = None, share_gpu: bool = False) -> Launch:
     launched = dist.detect_launcher()
     if gpus < 0 or cpu_procs < 1:
         raise UserError("--gpus must be >= 0 and --cpu-procs >= 1")
     if launched is not None:
         launch = Launch(gpus, 1, launched.world_size, launched.rank, launched.master_addr, launched.master_port,
-                        launched)
+                        launched, share_gpu)
     else:
         procs = gpus if gpus > 0 else cpu_procs
         launch = Launch(gpus, procs, procs * nnodes, node_rank * procs, master_addr or "127.0.0.1",
-                        master_port or (dist.free_port() if nnodes == 1 else 29500))
+                        master_port or (dist.free_port() if nnodes == 1 else 29500), None, share_gpu)
     if gpus > 0:
-        want = launched.local_rank + 1 if launched else gpus
+        want = 1 if share_gpu else launched.local_rank + 1 if launched else gpus
         if torch.cuda.device_count() < want:
             raise UserError(f"--gpus {gpus}: only {torch.cuda.device_count()} CUDA device(s) visible")
     return launch

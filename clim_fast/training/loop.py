@@ -88,14 +88,14 @@ def lr_at(cfg: Config, iteration: int, total_iters: int, steps_per_epoch: int) -
 def run_training(cfg: Config, shards, out: str | Path, *, gpus: int = 0, cpu_procs: int = 1,
                  resume: str | Path | None = None, nnodes: int = 1, node_rank: int = 0,
                  master_addr: str | None = None, master_port: int | None = None,
-                 progress: bool | None = None) -> Path:
+                 progress: bool | None = None, share_gpu: bool = False) -> Path:
     """Train; returns the final checkpoint path (RUN/checkpoints/last.pt).
 
     `shards` is a shard folder, a ShardDataset, or an object shaped like ShardData (tests)."""
     data = shards if hasattr(shards, "loader") else ShardData(shards)
     out = Path(out)
     launch = plan_launch(gpus=gpus, cpu_procs=cpu_procs, nnodes=nnodes, node_rank=node_rank,
-                         master_addr=master_addr, master_port=master_port)
+                         master_addr=master_addr, master_port=master_port, share_gpu=share_gpu)
     check_batch(data.num_samples, cfg.batch_size, launch.world_size)
     if cfg.queue_size % cfg.batch_size:
         raise UserError(f"--set queue_size={cfg.queue_size}: the queue must be a multiple of the global batch "
@@ -148,7 +148,8 @@ def train_worker(local_rank: int, launch: Launch, cfg: Config, data, out: Path, 
             torch.set_num_threads(max(1, torch.get_num_threads() // launch.local_procs))
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_distributed(rank, launch.world_size, backend="nccl" if device.type == "cuda" else "gloo",
+            torch.backends.cudnn.benchmark = True  # fixed view sizes: pick the fastest conv kernels once
+        dist.init_distributed(rank, launch.world_size, backend=launch.backend,
                               master_addr=launch.master_addr, master_port=launch.master_port)
         try:
             torch.manual_seed(cfg.seed)  # identical initial weights and queue on every rank
