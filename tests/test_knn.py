@@ -133,11 +133,15 @@ cand, counts = tt.threshold_candidates(q16, x16, thr, 32, block_m=16, block_n=16
 want = [sorted(torch.nonzero(s[i] >= thr[i]).flatten().tolist()) for i in range(40)]
 got = [sorted(c[c >= 0].tolist()) for c in cand]
 out["threshold_ok"] = got == want and counts.tolist() == [len(w) for w in want]
+skipping = tt.threshold_candidates(q16, x16, thr, 32, maxima=m, block_m=16, block_n=16)
+out["skip_ok"] = [sorted(c[c >= 0].tolist()) for c in skipping[0]] == want
 small = tt.threshold_candidates(q16, x16, thr, 4, block_m=16, block_n=16)
 out["overflow_counts_ok"] = small[1].tolist() == counts.tolist() and bool((small[0] >= 0).all())
 # the whole path (small cap: some rows overflow to the exact search)
 stats = {}
-sims, ids = _triton_search(x, x, kk, cap=24, block_m=16, block_n=16, stats=stats)
+sims, ids = _triton_search(x, x, kk, cap=10, block_m=16, block_n=16, stats=stats)
+s2, i2 = _triton_search(x, x, kk, cap=10, block_m=16, block_n=16, skip=False)
+out["skip_same"] = bool((i2 == ids).all() and (s2 == sims).all())
 ref_s, ref_i = reference(x, kk, query_ids=torch.full((x.shape[0],), -1))
 out["ids_equal"] = bool((ids.numpy() == ref_i).all())
 out["sims_equal"] = bool((sims.numpy() == ref_s).all())
@@ -154,8 +158,9 @@ def test_triton_kernels_interpreted_match_brute_force():
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["maxima_err"] == 0
-    assert out["threshold_ok"] and out["overflow_counts_ok"]
-    assert out["ids_equal"] and out["sims_equal"], out
+    assert out["threshold_ok"] and out["skip_ok"] and out["overflow_counts_ok"]
+    assert out["ids_equal"] and out["sims_equal"] and out["skip_same"], out
+    assert out["stats"]["overflow_rows"] > 0  # the exact fallback ran too
 
 
 @pytest.mark.gpu

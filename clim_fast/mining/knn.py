@@ -228,7 +228,7 @@ def _lowp_search(queries, database, kk, dtype, group=32, candidates=None):
     return sims, ids
 
 
-def _triton_search(queries, database, kk, *, cap=256, block_m=128, block_n=128, chunk=None, stats=None):
+def _triton_search(queries, database, kk, *, cap=256, block_m=128, block_n=128, chunk=None, skip=True, stats=None):
     """The Triton path (see the module docstring). stats: a dict that receives counts."""
     from clim_fast.mining import topk_triton as tt
 
@@ -252,8 +252,9 @@ def _triton_search(queries, database, kk, *, cap=256, block_m=128, block_n=128, 
         q16 = tt.pad_features(qc)
         maxima = tt.tile_maxima(q16, x16, block_m=block_m, block_n=block_n)
         thr = maxima.topk(kk, dim=1).values[:, -1] - 2 * eps
+        cand, counts = tt.threshold_candidates(q16, x16, thr, cap, maxima=maxima if skip else None,
+                                               block_m=block_m, block_n=block_n)
         del maxima
-        cand, counts = tt.threshold_candidates(q16, x16, thr, cap, block_m=block_m, block_n=block_n)
         bad = (counts > cap) | (counts < kk)
         width = int(counts.clamp_max(cap).max())
         sims, ids, _ = _finish(qc, database, cand[:, :width].long(), kk)
@@ -355,10 +356,10 @@ def knn_search(queries, database, k: int, *, query_ids=None, engine: str = "torc
         sims, ids = _faiss_search(q.cpu().numpy(), x.cpu().numpy(), kk, faiss_gpu_device(q.device))
         sims, ids = sims.to(q.device), ids.to(q.device)
     elif engine == "triton":
-        sims, ids = _triton_search(q, x, kk, **_pick(options, "cap", "block_m", "block_n", "chunk", "stats"))
+        sims, ids = _triton_search(q, x, kk, **_pick(options, "cap", "block_m", "block_n", "chunk", "skip", "stats"))
     elif engine == "torch" and q.is_cuda and triton_available():
         try:
-            sims, ids = _triton_search(q, x, kk, **_pick(options, "cap", "block_m", "block_n", "chunk", "stats"))
+            sims, ids = _triton_search(q, x, kk, **_pick(options, "cap", "block_m", "block_n", "chunk", "skip", "stats"))
         except Exception as err:  # noqa: BLE001 - a kernel that fails to compile must not stop training
             _triton_broken = f"{type(err).__name__}: {err}"
             warnings.warn(f"kNN: the Triton kernels failed ({_triton_broken[:300]}); using the torch path",

@@ -27,13 +27,13 @@ def _tile_max_kernel(q_ptr, x_ptr, out_ptr, M, N, n_tiles, tiles_per_prog, strid
                      D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
-    rm = pid_m * BM + tl.arange(0, BM)
+    rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
     rd = tl.arange(0, D)
     q = tl.load(q_ptr + rm[:, None] * stride_q + rd[None, :], mask=rm[:, None] < M, other=0.0)
     first = pid_s * tiles_per_prog
     last = tl.minimum(first + tiles_per_prog, n_tiles)
     for t in range(first, last):
-        rn = t * BN + tl.arange(0, BN)
+        rn = t * BN + tl.arange(0, BN).to(tl.int64)
         x = tl.load(x_ptr + rn[:, None] * stride_x + rd[None, :], mask=rn[:, None] < N, other=0.0)
         s = tl.dot(q, tl.trans(x))
         s = tl.where(rn[None, :] < N, s, float("-inf"))
@@ -42,11 +42,12 @@ def _tile_max_kernel(q_ptr, x_ptr, out_ptr, M, N, n_tiles, tiles_per_prog, strid
 
 
 @triton.jit
-def _threshold_kernel(q_ptr, x_ptr, thr_ptr, count_ptr, cand_ptr, M, N, n_tiles, tiles_per_prog, stride_q,
-                      stride_x, cap, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+def _threshold_kernel(q_ptr, x_ptr, thr_ptr, max_ptr, count_ptr, cand_ptr, M, N, n_tiles, tiles_per_prog,
+                      stride_q, stride_x, stride_mx, cap, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                      SKIP: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
-    rm = pid_m * BM + tl.arange(0, BM)
+    rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
     rd = tl.arange(0, D)
     row_ok = rm < M
     q = tl.load(q_ptr + rm[:, None] * stride_q + rd[None, :], mask=row_ok[:, None], other=0.0)
@@ -54,16 +55,21 @@ def _threshold_kernel(q_ptr, x_ptr, thr_ptr, count_ptr, cand_ptr, M, N, n_tiles,
     first = pid_s * tiles_per_prog
     last = tl.minimum(first + tiles_per_prog, n_tiles)
     for t in range(first, last):
-        rn = t * BN + tl.arange(0, BN)
-        x = tl.load(x_ptr + rn[:, None] * stride_x + rd[None, :], mask=rn[:, None] < N, other=0.0)
-        s = tl.dot(q, tl.trans(x))
-        hit = (s >= thr[:, None]) & (rn[None, :] < N)
-        hits = hit.to(tl.int32)
-        per_row = tl.sum(hits, axis=1)
-        if tl.max(per_row, axis=0) > 0:
-            base = tl.atomic_add(count_ptr + rm, per_row, mask=row_ok & (per_row > 0))
-            slot = base[:, None] + tl.cumsum(hits, axis=1) - 1
-            tl.store(cand_ptr + rm[:, None] * cap + slot, rn[None, :], mask=hit & (slot < cap))
+        if SKIP:
+            # pass 1's tile maxima: a tile where no row reaches its threshold holds no candidate
+            mx = tl.load(max_ptr + rm * stride_mx + t, mask=row_ok, other=float("-inf"))
+            go = tl.max(mx - thr, axis=0) >= 0
+        else:
+            go = True
+        if go:
+            rn = t * BN + tl.arange(0, BN).to(tl.int64)
+            x = tl.load(x_ptr + rn[:, None] * stride_x + rd[None, :], mask=rn[:, None] < N, other=0.0)
+            s = tl.dot(q, tl.trans(x))
+            hit = (s >= thr[:, None]) & (rn[None, :] < N)
+            if tl.max(tl.max(hit.to(tl.int32), axis=1), axis=0) > 0:
+                # one atomic per hit (hits are rare: about k per row over the whole database)
+                slot = tl.atomic_add(count_ptr + rm[:, None] + 0 * rn[None, :], 1, mask=hit, sem="relaxed")
+                tl.store(cand_ptr + rm[:, None] * cap + slot, rn[None, :].to(tl.int32), mask=hit & (slot < cap))
 
 
 def _grid_split(m_blocks: int, n_tiles: int, device: torch.device) -> int:
@@ -101,11 +107,13 @@ def tile_maxima(q: torch.Tensor, x: torch.Tensor, *, block_m: int = 128, block_n
     return out
 
 
-def threshold_candidates(q: torch.Tensor, x: torch.Tensor, thr: torch.Tensor, cap: int, *, block_m: int = 128,
-                         block_n: int = 128, num_warps: int = 8, num_stages: int = 3):
+def threshold_candidates(q: torch.Tensor, x: torch.Tensor, thr: torch.Tensor, cap: int, *, maxima=None,
+                         block_m: int = 128, block_n: int = 128, num_warps: int = 8, num_stages: int = 3):
     """Columns j with fp16 score(q_i, x_j) >= thr_i, per query. Returns (cand int32 [m, cap], -1
     past each row's count, in no particular order; counts int32 [m], which may exceed cap: those
-    rows' lists are incomplete)."""
+    rows' lists are incomplete). maxima: tile_maxima(q, x) with the same block_n (optional):
+    tiles where no row's maximum reaches its threshold are skipped without computing scores
+    (exact whatever the rounding of either pass, as long as both are within the caller's eps)."""
     m, n = q.shape[0], x.shape[0]
     n_tiles = -(-n // block_n)
     counts = torch.zeros(m, device=q.device, dtype=torch.int32)
@@ -113,7 +121,11 @@ def threshold_candidates(q: torch.Tensor, x: torch.Tensor, thr: torch.Tensor, ca
     m_blocks = -(-m // block_m)
     split = _grid_split(m_blocks, n_tiles, q.device)
     per = -(-n_tiles // split)
-    _threshold_kernel[(m_blocks, split)](q, x, thr.float().contiguous(), counts, cand, m, n, n_tiles, per,
-                                         q.stride(0), x.stride(0), cap, D=q.shape[1], BM=block_m, BN=block_n,
-                                         num_warps=num_warps, num_stages=num_stages)
+    skip = maxima is not None
+    if skip and maxima.shape != (m, n_tiles):
+        raise ValueError(f"maxima: expected shape {(m, n_tiles)}, got {tuple(maxima.shape)}")
+    mx = maxima if skip else thr
+    _threshold_kernel[(m_blocks, split)](q, x, thr.float().contiguous(), mx, counts, cand, m, n, n_tiles, per,
+                                         q.stride(0), x.stride(0), mx.stride(0), cap, D=q.shape[1], BM=block_m,
+                                         BN=block_n, SKIP=skip, num_warps=num_warps, num_stages=num_stages)
     return cand, counts
