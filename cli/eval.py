@@ -57,6 +57,13 @@ def default_out(checkpoint: Path) -> Path:
     return (parent.parent if parent.name == "checkpoints" else parent) / "eval"
 
 
+def _out_folder(out: Optional[Path], checkpoint: Path) -> Path:
+    """--out (default RUN/eval), created now: an unwritable or misplaced folder fails before any work."""
+    out = out or default_out(checkpoint)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def _finish(command: str, checkpoint: Path, out: Path, metrics: dict) -> None:
     from shards.atomic import atomic_write_text
 
@@ -91,7 +98,7 @@ def knn_command(checkpoint: Path = CHECKPOINT, shards: Path = SHARDS, val_shards
 
     if k <= 0 or temperature <= 0 or holdout_every < 2:
         raise UserError("--k and --temperature must be positive and --holdout-every at least 2")
-    out = out or default_out(checkpoint)
+    out = _out_folder(out, checkpoint)
     metrics = knn_eval(checkpoint, shards, val_shards, out, k=k, t=temperature, holdout_every=holdout_every,
                        log=_log, **_feature_kw(image_size, batch_size, device, workers, threads, encoder))
     _finish("knn", checkpoint, out, metrics)
@@ -121,7 +128,7 @@ def linear_command(checkpoint: Path = CHECKPOINT, shards: Path = SHARDS, val_sha
         steps = tuple(int(s) for s in milestones.split(",") if s.strip()) if milestones else None
     except ValueError:
         raise UserError(f"--milestones {milestones}: expected comma-separated epochs, e.g. 60,80") from None
-    out = out or default_out(checkpoint)
+    out = _out_folder(out, checkpoint)
     metrics = linear_eval_checkpoint(checkpoint, shards, val_shards, image_size=image_size, batch_size=batch_size,
                                      epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
                                      milestones=steps, device=resolve_device(device), workers=workers, threads=threads,
@@ -140,7 +147,7 @@ def similarity_command(checkpoint: Path = CHECKPOINT, shards: Path = SHARDS,
     when given, else on --shards."""
     from clim_fast.evaluation.measures import similarity_eval
 
-    out = out or default_out(checkpoint)
+    out = _out_folder(out, checkpoint)
     target = val_shards or shards
     metrics = similarity_eval(checkpoint, target, out, log=_log, same_classes_as=shards if val_shards else None,
                               **_feature_kw(image_size, batch_size, device, workers, threads, encoder))
@@ -164,7 +171,7 @@ def tsne_command(checkpoint: Path = CHECKPOINT, shards: Path = SHARDS, val_shard
 
     if classes < 1 or per_class < 1:
         raise UserError("--classes and --per-class must be positive")
-    out = out or default_out(checkpoint)
+    out = _out_folder(out, checkpoint)
     png = png or out / f"tsne-{checkpoint.stem}.png"
     target = val_shards or shards
     metrics = tsne_eval(checkpoint, target, png, out, classes=classes, per_class=per_class, seed=seed, log=_log,

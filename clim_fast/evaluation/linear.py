@@ -4,7 +4,7 @@ Frozen means no gradient and BatchNorm in eval mode (running statistics untouche
 the backbone's parameters and buffers before and after proves it. SGD lr 30, momentum 0.9, no
 weight decay, 100 epochs, lr x0.1 at 60 and 80 (scaled with --epochs unless given), as in
 facebookresearch/moco main_lincls.py. Training views: RandomResizedCrop + flip; validation:
-resize + center crop (the DALI LinearLoader graphs).
+resize + center crop (the DALI LinearTrainLoader and FeatureLoader graphs).
 """
 
 from __future__ import annotations
@@ -113,22 +113,23 @@ def linear_eval_checkpoint(checkpoint, shards_dir, val_shards_dir, *, image_size
                            weight_decay: float = 0.0, milestones: tuple[int, ...] | None = None,
                            device=None, workers: int = 2, threads: int = 2, seed: int = 0, log=print) -> dict:
     """The linear protocol on the query encoder's backbone of a training checkpoint, fed by the DALI
-    LinearLoader graphs (train: RandomResizedCrop + flip, val: resize + center crop)."""
+    LinearTrainLoader and FeatureLoader graphs (train: RandomResizedCrop + flip, val: resize + center crop)."""
     from clim_fast.training.checkpoint import model_from_checkpoint
     from clim_fast.evaluation.measures import check_same_classes, eval_backbone
-    from dali_pipelines import LinearLoader
     from shards import ShardDataset
 
     train_set, val_set = ShardDataset(shards_dir), ShardDataset(val_shards_dir)
     check_same_classes(train_set, val_set, shards_dir, val_shards_dir)
+    from dali_pipelines import FeatureLoader, LinearTrainLoader
+
     model, cfg, _ = model_from_checkpoint(checkpoint, map_location="cpu")
     image_size = image_size or cfg.image_size
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     batch_size = min(batch_size, train_set.num_samples)
     backbone = eval_backbone(model, "query")
     common = dict(batch_size=batch_size, image_size=image_size, device=device, workers=workers, threads=threads)
-    train_loader = LinearLoader(shards_dir, train=True, seed=seed, **common)
-    val_loader = LinearLoader(val_shards_dir, train=False, **common)
+    train_loader = LinearTrainLoader(train_set, seed=seed, **common)
+    val_loader = FeatureLoader(val_set, **common)  # resize + center crop, every sample once
     try:
         metrics = linear_eval(backbone, model.encoder_q.feature_dim, train_set.num_classes, train_loader,
                               val_loader, epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,

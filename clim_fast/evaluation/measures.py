@@ -317,9 +317,10 @@ def knn_eval(checkpoint, shards_dir, val_shards_dir=None, cache_dir=None, *, k: 
     from shards import ShardDataset
 
     train_set = ShardDataset(shards_dir)
+    if val_shards_dir:  # before any feature pass: a mismatch is refused at once
+        check_same_classes(train_set, ShardDataset(val_shards_dir), shards_dir, val_shards_dir)
     feats, labels = checkpoint_features(checkpoint, shards_dir, cache_dir, log=log, **feature_kw)
     if val_shards_dir:
-        check_same_classes(train_set, ShardDataset(val_shards_dir), shards_dir, val_shards_dir)
         test_feats, test_labels = checkpoint_features(checkpoint, val_shards_dir, cache_dir, log=log, **feature_kw)
         split = "val-shards"
     else:

@@ -1,0 +1,449 @@
+"""Issue 14: symlink loops, concurrent runs, broken resumes, manifest paths, file-system errors,
+orphaned workers, class mappings across evals, the unsafe-checkpoint message, neighbour rows."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli.app import app
+from photos import make_photo_folder
+from shards import ShardDataset, verify_shards, write_shards
+from shards.errors import UserError
+from shards.lock import folder_lock
+from shards.neighbours import NeighbourTable
+
+REPO = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def _cli(*args):
+    """(exit code, output) of `clim-fast ARGS` in this process; a traceback fails the test."""
+    result = runner.invoke(app, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.output
+
+
+def _main(*args) -> subprocess.CompletedProcess:
+    """The real console entry (one-line `error:` and exit 2 for a UserError)."""
+    return subprocess.run([sys.executable, "-m", "cli", *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+
+
+def _one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def _wait_for(condition, proc=None, what="condition", limit=120.0):
+    """Poll; a generous limit only guards against a hung test (no timing is asserted)."""
+    deadline = time.monotonic() + limit
+    while not condition():
+        if proc is not None:
+            assert proc.poll() is None, f"the run ended before {what}"
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def small_src(tmp_path_factory):
+    """4 classes x 10 real JPEGs."""
+    return make_photo_folder(tmp_path_factory.mktemp("src"), classes=4, per_class=10, seed=3)
+
+
+# ------------------------------------------------------------------------------ 1. symbolic links
+
+def test_symlink_loop_at_the_top_does_not_multiply_the_dataset(small_src, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(small_src, src)
+    (src / "loop").symlink_to(".")
+    summary = write_shards(src, tmp_path / "out", maxcount=16)
+    assert summary["num_samples"] == 40 and summary["num_classes"] == 4
+    manifest = ShardDataset(tmp_path / "out").manifest
+    assert "loop" not in manifest["classes"]
+    assert manifest["ignored_links"] == [{"path": "loop", "reason": "link loop (points at a folder that contains it)"}]
+    assert verify_shards(tmp_path / "out")["ok"]
+
+
+def test_symlinks_inside_a_class_each_real_file_once_never_outside_src(small_src, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(small_src, src)
+    cls = sorted(p for p in src.iterdir())[0]
+    first = sorted(cls.iterdir())[0]
+    (cls / "loop").symlink_to(".")  # 10 images became 410
+    (cls / "again.jpg").symlink_to(first.name)  # a second path to a real file
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(first, outside / "elsewhere.jpg")
+    (cls / "elsewhere.jpg").symlink_to(outside / "elsewhere.jpg")
+    (src / "zz_outside_class").symlink_to(outside)
+    (cls / "broken.jpg").symlink_to("missing.jpg")
+    summary = write_shards(src, tmp_path / "out", maxcount=16)
+    assert summary["num_samples"] == 40 and summary["num_classes"] == 4
+    sources = (tmp_path / "out" / "sources.txt").read_text().splitlines()
+    assert len(sources) == len(set(sources)) == 40 and not any("loop" in s or "again" in s for s in sources)
+    reasons = {e["path"]: e["reason"] for e in summary["ignored_links"]}
+    assert reasons[f"{cls.name}/loop"].startswith("link loop")
+    assert reasons[f"{cls.name}/again.jpg"] == f"second path to {cls.name}/{first.name}"
+    assert "outside SRC" in reasons[f"{cls.name}/elsewhere.jpg"] and "outside SRC" in reasons["zz_outside_class"]
+    assert reasons[f"{cls.name}/broken.jpg"] == "broken link"
+    # the CLI says so
+    code, output = _cli("shard", src, tmp_path / "out2", "--workers", "1", "--maxcount", "16")
+    assert code == 0 and "ignored 5 symbolic link(s)" in output
+
+
+def test_a_link_to_a_hidden_folder_inside_src_is_followed(small_src, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(small_src, src)
+    hidden = src / ".extra"
+    hidden.mkdir()
+    cls = sorted(src.glob("n*"))[1]
+    shutil.copy(sorted(cls.iterdir())[0], hidden / "extra.jpg")
+    (cls / "more").symlink_to("../.extra")
+    summary = write_shards(src, tmp_path / "out", maxcount=16)
+    assert summary["num_samples"] == 41 and summary["ignored_links"] == []
+    assert f"{cls.name}/more/extra.jpg" in (tmp_path / "out" / "sources.txt").read_text().splitlines()
+
+
+# ------------------------------------------------------------------------------ 2. one run per folder
+
+def test_folder_lock_refuses_a_second_holder_and_is_released(tmp_path):
+    folder = tmp_path / "run"
+    with folder_lock(folder, "training run") as path:
+        assert path == folder / ".lock" and json.loads(path.read_text())["pid"] == os.getpid()
+        with pytest.raises(UserError, match=rf"another training run is using this folder \(pid {os.getpid()} "):
+            with folder_lock(folder, "training run"):
+                pass
+    assert not (folder / ".lock").exists()
+    with folder_lock(folder, "training run"):  # free again
+        pass
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="exists and is not a folder"):
+        with folder_lock(tmp_path / "file", "training run"):
+            pass
+
+
+def test_second_shard_run_into_a_live_out_is_refused_then_resume_finishes(small_src, tmp_path):
+    reference = tmp_path / "reference"
+    write_shards(small_src, reference, maxcount=4, seed=0)
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(REPO), CLIM_FAST_SHARD_DELAY_S="600")
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "shard", str(small_src), str(out), "--maxcount", "4",
+                             "--workers", "1"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(lambda: (out / "shard-000000.tar").exists(), proc, "the first shard")
+        before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"}
+        with pytest.raises(UserError, match=rf"another `clim-fast shard` run is using this folder \(pid {proc.pid} "):
+            write_shards(small_src, out, maxcount=4, seed=0)
+        with pytest.raises(UserError, match=f"pid {proc.pid}"):  # --resume too: the run is alive
+            write_shards(small_src, out, maxcount=4, seed=0, resume=True)
+        after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"}
+        assert after == before  # the live run's output is untouched
+    finally:
+        proc.kill()
+        proc.wait()
+    summary = write_shards(small_src, out, maxcount=4, seed=0, resume=True)  # the kernel released the lock
+    assert summary["resumed_shards"] >= 1
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference.iterdir())
+    assert verify_shards(out)["ok"]
+
+
+# ------------------------------------------------------------------------------ 3. --resume auto
+
+def _ckpt(path: Path, epoch: int) -> None:
+    from clim_fast.training.checkpoint import save_checkpoint
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint({"model": {"w": torch.zeros(2)}, "config": {}, "epoch": epoch}, path)
+
+
+def _evil(path: Path) -> None:
+    class Payload:
+        def __reduce__(self):
+            return (os.getcwd, ())
+
+    buf = io.BytesIO()
+    torch.save({"model": Payload(), "config": {}, "epoch": 9}, buf)
+    path.write_bytes(buf.getvalue())
+
+
+def test_resume_auto_refuses_when_no_checkpoint_loads(tmp_path, capsys):
+    from clim_fast.training.checkpoint import find_resume_checkpoint
+
+    assert find_resume_checkpoint(tmp_path) is None  # no checkpoints: a fresh start
+    folder = tmp_path / "checkpoints"
+    _ckpt(folder / "epoch-0001.pt", 1)
+    data = (folder / "epoch-0001.pt").read_bytes()
+    (folder / "epoch-0001.pt").write_bytes(data[: len(data) // 2])  # truncated
+    (folder / "last.pt").write_bytes(data[:100])
+    _evil(folder / "epoch-0002.pt")  # a pickle payload
+    kept = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(UserError) as err:
+        find_resume_checkpoint(tmp_path)
+    message = str(err.value)
+    assert "\n" not in message and "nothing was overwritten" in message and "--resume fresh" in message
+    assert all(name in message for name in ("last.pt", "epoch-0002.pt", "epoch-0001.pt"))
+    warnings = capsys.readouterr().err.strip().splitlines()
+    assert len(warnings) == 3 and all(w.startswith("warning: --resume auto: skipping ") for w in warnings)
+    assert "epoch-0002.pt: refused for safety" in warnings[1]
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == kept
+    assert find_resume_checkpoint(tmp_path, allow_broken=True) is None  # the explicit start-over
+
+
+def test_resume_auto_says_which_newer_checkpoint_it_skipped(tmp_path, capsys):
+    from clim_fast.training.checkpoint import find_resume_checkpoint
+
+    folder = tmp_path / "checkpoints"
+    _ckpt(folder / "epoch-0001.pt", 1)
+    _ckpt(folder / "epoch-0002.pt", 2)
+    (folder / "last.pt").write_bytes(b"torn")
+    path, ckpt = find_resume_checkpoint(tmp_path)
+    assert path.name == "epoch-0002.pt" and ckpt["epoch"] == 2
+    warnings = capsys.readouterr().err.strip().splitlines()
+    assert len(warnings) == 1 and warnings[0].startswith(f"warning: --resume auto: skipping {folder / 'last.pt'}: ")
+
+
+# ------------------------------------------------------------------------------ 4. manifest paths
+
+@pytest.mark.parametrize("entry,value", [("name", "../outside.tar"), ("name", "ABS"), ("index", "sub/x.idx"),
+                                         ("name", ".."), ("samples", "../samples.npy")])
+def test_manifest_names_are_confined_to_the_shard_folder(shard_dir, tmp_path, entry, value):
+    copy = tmp_path / "copy"
+    shutil.copytree(shard_dir, copy)
+    shutil.copy(copy / "shard-000000.tar", tmp_path / "outside.tar")  # same size: read without complaint before
+    if value == "ABS":
+        value = str(tmp_path / "outside.tar")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    if entry == "samples":
+        manifest["samples"]["file"] = value
+    else:
+        manifest["shards"][0][entry] = value
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError) as err:
+        ShardDataset(copy)
+    message = str(err.value)
+    assert message.startswith(str(copy / "manifest.json")) and repr(value) in message and "\n" not in message
+    _one_line_error(_main("verify", copy), "manifest.json", "plain file name")
+
+
+def test_describe_samples_names_the_shard_files_and_verify(shard_dir):
+    ds = ShardDataset(shard_dir)
+    first, last = 3, ds.num_samples - 1
+    message = ds.describe_samples([last, first, first])
+    names = {ds.tar_paths[int(ds.index[i]["shard"])].name for i in (first, last)}
+    assert all(name in message for name in names) and f"clim-fast verify {shard_dir}" in message
+    assert "\n" not in message and message.startswith("samples ")
+    assert ds.shards_of([first]) == {ds.tar_paths[int(ds.index[first]["shard"])].name: [first]}
+    assert "not sample ids of this folder" in ds.describe_samples([10 ** 6])
+
+
+# ------------------------------------------------------------------------------ 5. file-system mistakes
+
+def test_shard_into_out_under_a_regular_file_is_a_one_line_error(small_src, tmp_path):
+    (tmp_path / "file").write_text("x")
+    _one_line_error(_main("shard", small_src, tmp_path / "file" / "out", "--workers", "1"), str(tmp_path / "file"))
+    _one_line_error(_main("shard", small_src, tmp_path / "file", "--workers", "1"), "not a folder")
+
+
+def test_shard_into_an_unwritable_out_is_a_one_line_error(small_src, tmp_path, monkeypatch):
+    # the tests run as root, which permissions do not stop: refuse the way the kernel would
+    real_mkdir = os.mkdir
+    target = str(tmp_path / "locked")
+
+    def mkdir(path, *args, **kwargs):
+        if str(path).startswith(target):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    with pytest.raises(UserError, match=rf"^{tmp_path / 'locked'}.*: permission denied$"):
+        _cli("shard", small_src, tmp_path / "locked" / "out", "--workers", "1")
+
+
+def test_unreadable_source_folder_and_shard_file_are_one_line_errors(small_src, tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    shutil.copytree(small_src, src)
+    cls = sorted(src.iterdir())[0]
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path).endswith(cls.name):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(UserError, match=rf"{cls.name}: cannot list the folder \(permission denied\)"):
+        write_shards(src, tmp_path / "out")
+
+
+def test_verify_with_a_folder_in_place_of_a_file_is_a_one_line_error(shard_dir, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(shard_dir, copy)
+    (copy / "sources.txt").unlink()
+    (copy / "sources.txt").mkdir()
+    _one_line_error(_main("verify", copy), "sources.txt: is a folder, not a file")
+
+
+# ------------------------------------------------------------------------------ 6. workers die with the parent
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_pool_workers_die_with_the_shard_process(small_src, tmp_path, sig):
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(REPO), CLIM_FAST_SHARD_DELAY_S="600")
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "shard", str(small_src), str(out), "--maxcount", "4",
+                             "--workers", "2"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    workers: list[int] = []
+    try:
+        _wait_for(lambda: (out / "shard-000000.tar").exists() and len(_children(proc.pid)) >= 2, proc,
+                  "the pool workers")
+        workers = _children(proc.pid)
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=120)
+        _wait_for(lambda: not any(_alive(w) for w in workers), what="the workers to exit")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for w in workers:
+            if _alive(w):
+                os.kill(w, signal.SIGKILL)
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 143 and "--resume" in stderr
+    summary = write_shards(small_src, out, maxcount=4, seed=0, resume=True)  # nothing written is lost
+    assert summary["resumed_shards"] >= 1 and verify_shards(out)["ok"]
+
+
+# ------------------------------------------------------------------------------ 7. class mappings in every eval
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from clim_fast.config import make_config
+    from clim_fast.method.moco import MoCo
+    from clim_fast.training.checkpoint import save_checkpoint
+
+    cfg = make_config("moco_v2", dict(arch="resnet18", image_size=32, queue_size=64, batch_size=16))
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("run") / "checkpoints" / "last.pt"
+    path.parent.mkdir(parents=True)
+    save_checkpoint({"model": MoCo(cfg).state_dict(), "config": cfg.to_dict(), "epoch": 1, "table_path": ""}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def other_val(tmp_path_factory):
+    """Shards whose class mapping differs from the session's shard_dir (3 classes, not 4)."""
+    src = make_photo_folder(tmp_path_factory.mktemp("valsrc"), classes=3, per_class=4, seed=5)
+    out = tmp_path_factory.mktemp("valshards")
+    write_shards(src, out, maxcount=16)
+    return out
+
+
+@pytest.mark.parametrize("command", ["knn", "linear", "similarity", "tsne"])
+def test_every_eval_refuses_a_val_set_with_another_class_mapping(command, checkpoint, shard_dir, other_val,
+                                                                 tmp_path):
+    with pytest.raises(UserError) as err:
+        _cli("eval", command, "--checkpoint", checkpoint, "--shards", shard_dir, "--val-shards", other_val,
+             "--out", tmp_path / "eval", "--device", "cpu", "--workers", "0", "--threads", "1")
+    message = str(err.value)
+    assert message.startswith(f"{other_val}: its class mapping differs from that of {shard_dir} (")
+    assert f"--classes {shard_dir}" in message and "\n" not in message
+    assert not list((tmp_path / "eval").glob("features-*"))  # refused before any feature pass
+
+
+def test_eval_out_under_a_regular_file_is_a_one_line_error(checkpoint, shard_dir, tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match=rf"{tmp_path / 'file'}.*a part of the path is a file"):
+        _cli("eval", "similarity", "--checkpoint", checkpoint, "--shards", shard_dir, "--out",
+             tmp_path / "file" / "eval", "--device", "cpu")
+    with pytest.raises(UserError, match="a folder, not a checkpoint file"):
+        _cli("eval", "similarity", "--checkpoint", tmp_path, "--shards", shard_dir, "--out", tmp_path / "e",
+             "--device", "cpu")
+
+
+# ------------------------------------------------------------------------------ 8. unsafe checkpoints
+
+def test_unsafe_checkpoint_refusal_does_not_advise_the_unsafe_option(tmp_path):
+    from clim_fast.training.checkpoint import load_checkpoint
+
+    _evil(tmp_path / "evil.pt")
+    (tmp_path / "plain.pt").write_bytes(pickle.dumps({"model": {}, "config": {}, "epoch": 1, "f": print}))
+    for name in ("evil.pt", "plain.pt"):
+        with pytest.raises(UserError) as err:
+            load_checkpoint(tmp_path / name)
+        message = str(err.value)
+        assert message.startswith(f"{tmp_path / name}: refused for safety")
+        assert "objects other than tensors" in message and "\n" not in message
+        assert "weights_only" not in message and "False" not in message and "trusted" not in message
+    assert "posix.getcwd" in str(pytest.raises(UserError, load_checkpoint, tmp_path / "evil.pt").value)
+
+
+# ------------------------------------------------------------------------------ 9. neighbour rows
+
+def _table(positives, counts):
+    positives = np.asarray(positives, np.int32)
+    return NeighbourTable(positives, np.asarray(counts, np.int32), np.zeros(len(positives), np.int32),
+                          {"dataset_id": "x"})
+
+
+@pytest.mark.parametrize("positives,counts,expected", [
+    ([[1, -1, -1], [0, 2, -1], [1, 0, -1]], [1, 3, 2], r"row 1, entry 2: -1, expected a sample id"),  # -1 inside
+    ([[1, 5, -1], [0, -1, -1], [1, -1, -1]], [2, 1, 1], r"row 0, entry 1: 5, expected a sample id in 0\.\.2"),
+    ([[1, 2, -1], [0, -1, -1], [1, -1, -1]], [1, 1, 1], r"row 0, entry 1: 2, expected -1 padding"),
+    ([[1, -1, -1], [0, -7, -1], [1, -1, -1]], [1, 1, 1], r"row 1, entry 1: -7, expected -1 padding"),
+])
+def test_neighbour_table_checks_every_entry_of_every_row(tmp_path, positives, counts, expected):
+    path = tmp_path / "table.npz"
+    _table(positives, counts).save(path)
+    with pytest.raises(UserError, match=rf"^{path}: malformed neighbour table \({expected}"):
+        NeighbourTable.load(path)
+
+
+def test_a_well_formed_neighbour_table_loads(tmp_path):
+    path = tmp_path / "table.npz"
+    _table([[1, 2, -1], [0, -1, -1], [1, 0, 2]], [2, 1, 2]).save(path)
+    with pytest.raises(UserError, match="row 2, entry 2: 2, expected -1 padding"):
+        NeighbourTable.load(path)
+    _table([[1, 2, -1], [0, -1, -1], [1, 0, -1]], [2, 1, 2]).save(path)
+    assert NeighbourTable.load(path).num_samples == 3
