@@ -64,8 +64,9 @@ class _Scanner:
         self.root = root
         self.root_real = os.path.realpath(root)
         self._prefix = self.root_real.rstrip(os.sep) + os.sep
-        self.real_dirs: set[str] = set()
-        self.real_files: dict[str, str] = {}  # real path -> the relative path that took it
+        self.real_dirs: set[str] = set()  # real paths of the folders walked (and SRC)
+        self.file_dirs: set[str] = set()  # real paths of the folders whose images were taken
+        self.linked_files: dict[str, str] = {}  # real path -> relative path, for files taken via links
         self.found: list[tuple[str, int, str | None]] = []  # (relative posix path, size, group)
         self.links: list[tuple[str, str | None]] = []  # (relative path, group) still to follow
         self.ignored: list[dict] = []  # {"path", "reason"}
@@ -82,6 +83,7 @@ class _Scanner:
         while stack:
             rel, real = stack.pop()
             self.real_dirs.add(real)
+            self.file_dirs.add(real)
             try:
                 with os.scandir(real) as it:
                     entries = sorted(it, key=lambda e: e.name)
@@ -97,24 +99,36 @@ class _Scanner:
                     if entry.is_symlink():
                         self.links.append((child, group))
                     elif entry.is_dir(follow_symlinks=False):
-                        subdirs.append((child, os.path.join(real, entry.name)))
+                        if os.path.join(real, entry.name) not in self.real_dirs:  # walked via a link already
+                            subdirs.append((child, os.path.join(real, entry.name)))
                     elif is_image_name(entry.name) and entry.is_file(follow_symlinks=False):
-                        self._add_file(child, os.path.join(real, entry.name), group)
+                        path = os.path.join(real, entry.name)
+                        if path in self.linked_files:  # an earlier link took it
+                            self.ignored.append({"path": child, "reason": f"second path to {self.linked_files[path]}"})
+                        else:
+                            self._add_file(child, path, group)
                 except OSError:  # cannot even stat it: the encoder reports why
                     if is_image_name(entry.name):
                         self._add_file(child, os.path.join(real, entry.name), group)
             stack.extend(reversed(subdirs))
 
     def _add_file(self, rel: str, real: str, group: str | None) -> None:
-        if real in self.real_files:
-            self.ignored.append({"path": rel, "reason": f"second path to {self.real_files[real]}"})
-            return
-        self.real_files[real] = rel
         try:
             size = os.stat(real).st_size
         except OSError:
             size = -1  # unreadable: the encoder skips it with the reason
         self.found.append((rel, size, group))
+
+    def _add_linked_file(self, rel: str, target: str, group: str | None) -> None:
+        """A file reached through a link: taken unless a real path or an earlier link took it."""
+        folder, name = os.path.split(target)
+        if folder in self.file_dirs and not name.startswith(".") and is_image_name(name):
+            self.ignored.append({"path": rel, "reason": f"second path to {self._rel_of_real(target)}"})
+        elif target in self.linked_files:
+            self.ignored.append({"path": rel, "reason": f"second path to {self.linked_files[target]}"})
+        else:
+            self.linked_files[target] = rel
+            self._add_file(rel, target, group)
 
     def dir_link_problem(self, rel: str, target: str) -> str | None:
         """Why a link to the folder `target` is not followed, or None when it is."""
@@ -152,7 +166,7 @@ class _Scanner:
             else:
                 self.walk(rel, target, group)
         elif os.path.isfile(target):
-            self._add_file(rel, target, group)
+            self._add_linked_file(rel, target, group)
 
 
 def find_sources(src: str | Path, labels: str | Path | None = None,

@@ -118,9 +118,11 @@ def test_a_link_to_a_hidden_folder_inside_src_is_followed(small_src, tmp_path):
     cls = sorted(src.glob("n*"))[1]
     shutil.copy(sorted(cls.iterdir())[0], hidden / "extra.jpg")
     (cls / "more").symlink_to("../.extra")
+    (cls / "alpha.jpg").symlink_to("../.extra/extra.jpg")  # taken first (sorted), so the folder link skips it
     summary = write_shards(src, tmp_path / "out", maxcount=16)
-    assert summary["num_samples"] == 41 and summary["ignored_links"] == []
-    assert f"{cls.name}/more/extra.jpg" in (tmp_path / "out" / "sources.txt").read_text().splitlines()
+    assert summary["num_samples"] == 41
+    assert summary["ignored_links"] == [{"path": f"{cls.name}/more/extra.jpg", "reason": f"second path to {cls.name}/alpha.jpg"}]
+    assert f"{cls.name}/alpha.jpg" in (tmp_path / "out" / "sources.txt").read_text().splitlines()
 
 
 # ------------------------------------------------------------------------------ 2. one run per folder
