@@ -100,7 +100,7 @@ def canonical_scores(queries: torch.Tensor, database: torch.Tensor, cand: torch.
     if r == 0 or c == 0:
         return out
     d = database.shape[1]
-    step = max(1, ((256 if cand.is_cuda else 16) << 20) // (c * d * 8))
+    step = max(1, ((1024 if cand.is_cuda else 16) << 20) // (c * d * 8))
     safe = cand.clamp_min(0)
     for s in range(0, r, step):
         rows = database[safe[s:s + step]].double()
@@ -246,6 +246,9 @@ def _triton_search(queries, database, kk, *, cap=256, block_m=128, block_n=128, 
     if chunk is None:
         budget = (4 << 30) if database.device.type == "cuda" else (64 << 20)
         chunk = max(block_m, budget // (n_tiles * 4) // block_m * block_m)
+    # the re-rank gathers candidate rows: from a float64 copy when it fits (half the traffic)
+    x64 = database.double() if database.device.type == "cuda" and _fits(database.numel() * 8, database.device) \
+        else database
     out, redo, total, overflow = [], [], 0, 0
     for s in range(0, queries.shape[0], chunk):
         qc = queries[s:s + chunk]
@@ -257,11 +260,12 @@ def _triton_search(queries, database, kk, *, cap=256, block_m=128, block_n=128, 
         del maxima
         bad = (counts > cap) | (counts < kk)
         width = int(counts.clamp_max(cap).max())
-        sims, ids, _ = _finish(qc, database, cand[:, :width].long(), kk)
+        sims, ids, _ = _finish(qc, x64, cand[:, :width].long(), kk)
         out.append((sims, ids))
         redo.append(s + bad.nonzero().flatten())
         total += int(counts.sum())
         overflow += int(bad.sum())
+    del x64
     sims, ids = _cat(out, kk, database.device)
     redo = torch.cat(redo)
     if redo.numel():
@@ -427,6 +431,10 @@ def knn_naive_torch(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
 
 def _pick(options: dict, *names: str) -> dict:
     return {key: options[key] for key in names if options.get(key) is not None}
+
+
+def _fits(nbytes: int, device: torch.device) -> bool:
+    return nbytes < torch.cuda.mem_get_info(device)[0] // 8
 
 
 def _max_norm(x: torch.Tensor) -> float:

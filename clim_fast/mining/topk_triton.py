@@ -65,9 +65,18 @@ def _threshold_kernel(q_ptr, x_ptr, thr_ptr, max_ptr, count_ptr, cand_ptr, M, N,
             rn = t * BN + tl.arange(0, BN).to(tl.int64)
             x = tl.load(x_ptr + rn[:, None] * stride_x + rd[None, :], mask=rn[:, None] < N, other=0.0)
             s = tl.dot(q, tl.trans(x))
-            hit = (s >= thr[:, None]) & (rn[None, :] < N)
-            if tl.max(tl.max(hit.to(tl.int32), axis=1), axis=0) > 0:
-                # one atomic per hit (hits are rare: about k per row over the whole database)
+            s = tl.where(rn[None, :] < N, s, float("-inf"))
+            hit = s >= thr[:, None]
+            per_row = tl.sum(hit.to(tl.int32), axis=1)
+            most = tl.max(per_row, axis=0)
+            if most == 1:
+                # the common case (about k hits per row over the whole database): at most one
+                # per row in this tile, and it is the row's maximum; one atomic per row
+                col = tl.argmax(s, axis=1).to(tl.int64)
+                one = per_row == 1
+                slot = tl.atomic_add(count_ptr + rm, 1, mask=one & row_ok, sem="relaxed")
+                tl.store(cand_ptr + rm * cap + slot, (t * BN + col).to(tl.int32), mask=one & (slot < cap))
+            elif most > 1:
                 slot = tl.atomic_add(count_ptr + rm[:, None] + 0 * rn[None, :], 1, mask=hit, sem="relaxed")
                 tl.store(cand_ptr + rm[:, None] * cap + slot, rn[None, :].to(tl.int32), mask=hit & (slot < cap))
 
