@@ -12,10 +12,14 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+from clim_fast.method.backbone import ARCHS
+from shards.atomic import atomic_write_text
 from shards.errors import UserError
 
 MIX_METHODS = ("none", "cutmix", "mixup")
 MINE_FEATURES = ("head", "backbone")
+MINE_ENGINES = ("auto", "faiss", "torch")
+PRECISIONS = ("auto", "bf16", "fp32")
 MULTIRES_AT_224 = (192, 160, 128, 96)
 
 
@@ -70,14 +74,14 @@ class Config:
         self.validate()
 
     def validate(self) -> None:
+        if self.arch not in ARCHS:
+            raise UserError(f"--arch {self.arch}: unknown architecture; choose from {', '.join(ARCHS)}")
         if self.mix not in MIX_METHODS:
             raise UserError(f"config: mix must be one of {', '.join(MIX_METHODS)}, got {self.mix!r}")
-        if self.mine_feature not in MINE_FEATURES:
-            raise UserError(f"config: mine_feature must be head or backbone, got {self.mine_feature!r}")
-        if self.mine_engine not in ("auto", "faiss", "torch"):
-            raise UserError(f"config: mine_engine must be auto, faiss or torch, got {self.mine_engine!r}")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise UserError(f"config: precision must be auto, bf16 or fp32, got {self.precision!r}")
+        for name, choices in (("mine_feature", MINE_FEATURES), ("mine_engine", MINE_ENGINES),
+                              ("precision", PRECISIONS)):
+            if getattr(self, name) not in choices:
+                raise UserError(f"config: {name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         for name in ("image_size", "batch_size", "epochs", "queue_size", "clusters", "knn_k", "mine_every", "width"):
             if getattr(self, name) <= 0:
                 raise UserError(f"config: {name} must be positive, got {getattr(self, name)}")
@@ -105,8 +109,6 @@ class Config:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
-        from shards.atomic import atomic_write_text
-
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     @classmethod

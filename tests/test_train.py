@@ -163,6 +163,22 @@ def test_bad_setups_are_user_errors(tmp_path):
     (tmp_path / "c" / "checkpoints" / "x.pt").write_bytes(b"junk")
     with pytest.raises(UserError, match="x.pt"):
         run_training(tiny(), SyntheticData(32), tmp_path / "c", resume=tmp_path / "c" / "checkpoints" / "x.pt")
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(UserError, match="not a folder"):
+        run_training(tiny(), SyntheticData(32), tmp_path / "file", progress=False)
+    with pytest.raises(UserError, match="resnet999"):
+        run_training(tiny(arch="resnet999"), SyntheticData(32), tmp_path / "d", progress=False)
+    assert not (tmp_path / "d").exists()  # a bad option leaves no run folder behind
+
+
+def test_a_run_folder_holds_one_training_at_a_time(tmp_path):
+    from shards.errors import UserError
+    from shards.lock import folder_lock
+
+    with folder_lock(tmp_path / "run", "another clim-fast train"):
+        with pytest.raises(UserError, match="pid"):
+            run_training(tiny(), SyntheticData(32), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "log.jsonl").exists()
 
 
 def test_a_few_epochs_on_real_images_lower_the_loss(shard_dir, tmp_path):

@@ -34,7 +34,7 @@ from clim_fast.training.metrics import RunLog, ThroughputMeter, gpu_memory_gb
 from dali_pipelines import PretrainLoader
 from dali_pipelines.epochs import check_batch
 from shards import ShardDataset
-from shards.errors import UserError
+from shards.errors import UserError, os_errors_as_user_errors
 from shards.lock import folder_lock
 from shards.neighbours import NeighbourTable
 
@@ -104,7 +104,8 @@ def run_training(cfg: Config, shards, out: str | Path, *, gpus: int = 0, cpu_pro
         NeighbourTable.load(cfg.init_table).check_matches(data.dataset_id, data.num_samples, cfg.init_table)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    with os_errors_as_user_errors(out):
+        out.mkdir(parents=True, exist_ok=True)
     with folder_lock(out, "clim-fast train") if launch.first_rank == 0 else nullcontext():
         resume_path = resolve_resume(resume, out, cfg, data)
         if launch.local_procs == 1:
