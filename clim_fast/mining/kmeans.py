@@ -24,13 +24,19 @@ def initial_centroids(x: np.ndarray | torch.Tensor, clusters: int, seed: int) ->
 
 
 def kmeans_faiss(x: np.ndarray, clusters: int, *, niter: int = 20, seed: int = 0,
-                 gpu: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """x float32 [N, d], unit rows. Returns (centroids float32 [m, d], assignment int64 [N])."""
+                 gpu: bool | int = False) -> tuple[np.ndarray, np.ndarray]:
+    """x float32 [N, d], unit rows. Returns (centroids float32 [m, d], assignment int64 [N]).
+    gpu: True runs faiss on this process's GPU (torch.cuda.current_device()), an int on that
+    GPU; never on all GPUs (each rank keeps to its own)."""
     import faiss
 
     x = np.ascontiguousarray(x, dtype=np.float32)
-    km = faiss.Kmeans(x.shape[1], clusters, niter=niter, spherical=True, seed=seed, gpu=gpu,
+    km = faiss.Kmeans(x.shape[1], clusters, niter=niter, spherical=True, seed=seed, gpu=False,
                       verbose=False, min_points_per_centroid=1, max_points_per_centroid=1 << 30)
+    if gpu is not False and gpu is not None:
+        device = torch.cuda.current_device() if gpu is True else int(gpu)
+        km._gpu_resources = faiss.StandardGpuResources()  # kept alive with the index
+        km.index = faiss.index_cpu_to_gpu(km._gpu_resources, device, faiss.IndexFlatIP(x.shape[1]))
     km.train(x, init_centroids=initial_centroids(x, clusters, seed))
     _, assignment = km.assign(x)
     return km.centroids.astype(np.float32), assignment.astype(np.int64)

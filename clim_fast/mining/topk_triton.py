@@ -91,6 +91,10 @@ def _grid_split(m_blocks: int, n_tiles: int, device: torch.device) -> int:
     return max(1, min(n_tiles, -(-target // m_blocks)))
 
 
+def _warps(block_m: int, block_n: int) -> int:
+    return 8 if block_m * block_n >= 128 * 128 else 4
+
+
 def pad_features(x: torch.Tensor, dtype=torch.float16) -> torch.Tensor:
     """[n, d] -> contiguous [n, D] in `dtype`, D the next power of two >= max(16, d), zero-padded."""
     d = x.shape[1]
@@ -101,10 +105,11 @@ def pad_features(x: torch.Tensor, dtype=torch.float16) -> torch.Tensor:
 
 
 def tile_maxima(q: torch.Tensor, x: torch.Tensor, *, block_m: int = 128, block_n: int = 128,
-                num_warps: int = 8, num_stages: int = 3) -> torch.Tensor:
+                num_warps: int | None = None, num_stages: int = 3) -> torch.Tensor:
     """q [m, D], x [N, D] from pad_features. Returns float32 [m, ceil(N / block_n)]: the largest
     score of each query in each tile of block_n database rows (-inf past N)."""
     m, n = q.shape[0], x.shape[0]
+    num_warps = num_warps or _warps(block_m, block_n)
     n_tiles = -(-n // block_n)
     out = torch.empty(m, n_tiles, device=q.device, dtype=torch.float32)
     m_blocks = -(-m // block_m)
@@ -117,13 +122,14 @@ def tile_maxima(q: torch.Tensor, x: torch.Tensor, *, block_m: int = 128, block_n
 
 
 def threshold_candidates(q: torch.Tensor, x: torch.Tensor, thr: torch.Tensor, cap: int, *, maxima=None,
-                         block_m: int = 128, block_n: int = 128, num_warps: int = 8, num_stages: int = 3):
+                         block_m: int = 128, block_n: int = 128, num_warps: int | None = None, num_stages: int = 3):
     """Columns j with fp16 score(q_i, x_j) >= thr_i, per query. Returns (cand int32 [m, cap], -1
     past each row's count, in no particular order; counts int32 [m], which may exceed cap: those
     rows' lists are incomplete). maxima: tile_maxima(q, x) with the same block_n (optional):
     tiles where no row's maximum reaches its threshold are skipped without computing scores
     (exact whatever the rounding of either pass, as long as both are within the caller's eps)."""
     m, n = q.shape[0], x.shape[0]
+    num_warps = num_warps or _warps(block_m, block_n)
     n_tiles = -(-n // block_n)
     counts = torch.zeros(m, device=q.device, dtype=torch.int32)
     cand = torch.full((m, cap), -1, device=q.device, dtype=torch.int32)
