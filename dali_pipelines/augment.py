@@ -102,33 +102,34 @@ def rrc_window(rng: np.random.Generator, width: int, height: int, scale=MOCO_SCA
 
 _B, _C, _S, _H = JITTER
 # (low, high - low) exactly as `Generator.uniform(low, high)` computes them, in float64
-_JITTER_LO = np.array([1 - _B, 1 - _C, 1 - _S])
-_JITTER_SPAN = np.array([(1 + _B) - (1 - _B), (1 + _C) - (1 - _C), (1 + _S) - (1 - _S)])
+_B_LO, _B_SPAN = 1 - _B, (1 + _B) - (1 - _B)
+_C_LO, _C_SPAN = 1 - _C, (1 + _C) - (1 - _C)
+_S_LO, _S_SPAN = 1 - _S, (1 + _S) - (1 - _S)
 _HUE_LO, _HUE_SPAN = -_H, _H - (-_H)
 _BLUR_LO, _BLUR_SPAN = BLUR_SIGMA_RANGE[0], BLUR_SIGMA_RANGE[1] - BLUR_SIGMA_RANGE[0]
 
 
 def _draw_view_into(rng: np.random.Generator, width: int, height: int, spec: ViewSpec, p: np.ndarray) -> int:
-    """Fill one zeroed parameter row `p` in aug_plus order (crop, jitter, gray, blur, flip); returns
-    the flip flag. Every draw is the one `uniform`/`integers` would make, in the same order: the
-    four jitter factors are one `rng.random(4)` (the same four doubles, scaled in float64 as
-    `uniform` does, then stored as float32) and the hue is drawn in turns, then scaled by 360."""
+    """Fill one parameter row `p` in aug_plus order (crop, jitter, gray, blur, flip); returns the
+    flip flag. Every draw is the one `uniform`/`integers` would make, in the same order and with
+    the same float64 arithmetic (the four jitter factors are one `rng.random(4)`: the same four
+    doubles), so the float32 row is bit-identical to the straightforward version's; the values
+    are Python floats written into the row at once (small numpy operations cost more than the
+    draws)."""
     top, left, h, w = rrc_window(rng, width, height, spec.scale, spec.ratio)
-    p[0] = top / height
-    p[1] = left / width
-    p[2] = (top + h) / height
-    p[3] = (left + w) / width
-    p[BRIGHTNESS] = p[CONTRAST] = p[SATURATION] = 1.0
+    bright = contrast = sat = 1.0
+    hue = sigma = 0.0
     if spec.color:
         random = rng.random
         if random() < JITTER_P:
-            u = rng.random(4)
-            p[BRIGHTNESS:HUE_DEG] = _JITTER_LO + _JITTER_SPAN * u[:3]
-            p[HUE_DEG] = (_HUE_LO + _HUE_SPAN * u[3]) * 360.0
+            u0, u1, u2, u3 = rng.random(4).tolist()
+            bright, contrast, sat = _B_LO + _B_SPAN * u0, _C_LO + _C_SPAN * u1, _S_LO + _S_SPAN * u2
+            hue = (_HUE_LO + _HUE_SPAN * u3) * 360.0
         if random() < GRAY_P:
-            p[SATURATION] = 0.0
+            sat = 0.0
         if random() < BLUR_P:
-            p[BLUR_SIGMA] = _BLUR_LO + _BLUR_SPAN * random()
+            sigma = _BLUR_LO + _BLUR_SPAN * random()
+    p[:] = (top / height, left / width, (top + h) / height, (left + w) / width, bright, contrast, sat, hue, sigma)
     return int(rng.random() < FLIP_P)
 
 
