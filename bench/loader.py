@@ -329,6 +329,8 @@ def main() -> None:
                 entry["boundary"] = boundary(ds, image_size=image_size, batch=batch, workers=workers, device=device,
                                              epochs=args.boundary_epochs, step_ms=step_ms)
         result["sets"][name] = entry
+        if name == wanted[0]:  # the first set's figures at the top level too (bench/gpu_check_data.py reads them)
+            result.update({k: entry[k] for k in ("images", "mean_jpeg_kb", "anchors_per_s", "ratios") if k in entry})
         if args.json:  # rewritten after every set, so a run cut short still leaves figures
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -110,10 +110,11 @@ class TableBook:
     def table(self, epoch: int, wait: bool = True) -> tuple[np.ndarray, np.ndarray] | None:
         if self._epoch != epoch:
             pointer = epoch_pointer(self.pointers_dir, epoch)
+            parent = os.getppid()
             while not pointer.exists():  # the loader publishes it when `epoch` starts
                 if not wait:
                     return None
-                if not os.path.isdir(self.pointers_dir):
+                if not os.path.isdir(self.pointers_dir) or os.getppid() != parent:
                     raise RuntimeError(f"{self.pointers_dir}: the loader was closed")
                 time.sleep(POLL_S)
             folder = pointer.read_text()
