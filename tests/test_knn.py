@@ -193,3 +193,22 @@ def test_gpu_triton_query_subset():
     full = knn_search(x, x, 40, engine="triton")
     part = knn_search(x[rows], x, 40, query_ids=rows, engine="triton")
     assert torch.equal(part[1], full[1][rows]) and torch.equal(part[0], full[0][rows])
+
+
+@pytest.mark.gpu
+def test_gpu_triton_failure_falls_back(monkeypatch):
+    import clim_fast.mining.knn as knn
+    from clim_fast.mining import topk_triton
+
+    x = clustered(n=6000, d=32, clusters=40).cuda()
+    want = knn_search(x, x, 10, engine="torch_matmul")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated compile failure")
+
+    monkeypatch.setattr(topk_triton, "tile_maxima", broken)
+    monkeypatch.setattr(knn, "_triton_broken", None)
+    with pytest.warns(RuntimeWarning, match="Triton kernels failed"):
+        got = knn_torch(x, 10)
+    assert torch.equal(got[1], want[1]) and knn._triton_broken is not None
+    assert not knn.triton_available()

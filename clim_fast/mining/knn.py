@@ -228,13 +228,13 @@ def _lowp_search(queries, database, kk, dtype, group=32, candidates=None):
     return sims, ids
 
 
-def _triton_search(queries, database, kk, *, cap=256, block_m=128, block_n=128, chunk=None, skip=True, stats=None):
+def _triton_search(queries, database, kk, *, cap=256, block_m=64, block_n=128, chunk=None, skip=True, stats=None):
     """The Triton path (see the module docstring). stats: a dict that receives counts."""
     from clim_fast.mining import topk_triton as tt
 
     n, d = database.shape
     qn, xn = _max_norm(queries), _max_norm(database)
-    if max(float(queries.abs().max()), float(database.abs().max())) > 3e4:
+    if not _fp16_safe(queries, database):
         raise ValueError("features too large for fp16 scores")
     # fp16 inputs move the score by <= (2 u + u^2)|q||x| (u = 2^-11), fp32 accumulation of 128
     # exact products by < d 2^-22, fp16 subnormals by < d 2^-25: 2^-9 covers them twice over.
@@ -361,9 +361,12 @@ def knn_search(queries, database, k: int, *, query_ids=None, engine: str = "torc
         sims, ids = sims.to(q.device), ids.to(q.device)
     elif engine == "triton":
         sims, ids = _triton_search(q, x, kk, **_pick(options, "cap", "block_m", "block_n", "chunk", "skip", "stats"))
-    elif engine == "torch" and q.is_cuda and triton_available():
+    elif engine == "torch" and q.is_cuda and triton_available() and _fp16_safe(q, x):
         try:
             sims, ids = _triton_search(q, x, kk, **_pick(options, "cap", "block_m", "block_n", "chunk", "skip", "stats"))
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()  # transient: this call only takes the torch path
+            sims, ids = _torch_path(q, x, kk, options)
         except Exception as err:  # noqa: BLE001 - a kernel that fails to compile must not stop training
             _triton_broken = f"{type(err).__name__}: {err}"
             warnings.warn(f"kNN: the Triton kernels failed ({_triton_broken[:300]}); using the torch path",
@@ -431,6 +434,12 @@ def knn_naive_torch(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
 
 def _pick(options: dict, *names: str) -> dict:
     return {key: options[key] for key in names if options.get(key) is not None}
+
+
+def _fp16_safe(queries: torch.Tensor, database: torch.Tensor) -> bool:
+    """Entries and scores stay far inside fp16's range (unit rows always do)."""
+    return max(float(queries.abs().max()), float(database.abs().max())) < 3e4 and \
+        _max_norm(queries) * _max_norm(database) < 1e30
 
 
 def _fits(nbytes: int, device: torch.device) -> bool:
