@@ -461,3 +461,23 @@ def test_gpu_pipeline_matches_cpu(dataset, table):
             levels = (a[key] - b[key].float().cpu()).abs().mean() * 255 * 0.226
             assert levels < 3, (key, levels)  # nvJPEG vs libjpeg-turbo and GPU resampling differ slightly
     cpu.close(), gpu.close()
+
+
+@pytest.mark.gpu
+def test_gpu_feature_and_linear_loaders_match_cpu(dataset):
+    """The centre-crop and linear-train graphs on the GPU: every output (ids too) on the device,
+    two passes through one persistent pipeline, close to the CPU graphs."""
+    cuda = torch.device("cuda")
+    for make in (lambda device: FeatureLoader(dataset, batch_size=16, image_size=SIZE, device=device, workers=1),
+                 lambda device: LinearTrainLoader(dataset, batch_size=16, image_size=SIZE, rank=0, world_size=1,
+                                                  device=device, seed=2, workers=1, threads=2,
+                                                  dtype=torch.float32)):
+        cpu, gpu = make(torch.device("cpu")), make(cuda)
+        for epoch in (0, 1):
+            cpu.set_epoch(epoch), gpu.set_epoch(epoch)
+            for a, b in zip(cpu, gpu):
+                assert b["image"].is_cuda and b["id"].is_cuda and b["label"].is_cuda
+                assert torch.equal(a["id"], b["id"].cpu())
+                assert (a["image"] - b["image"].cpu()).abs().mean() * 255 * 0.226 < 3
+        assert gpu._stream.next_step == 2 * len(gpu)  # one pipeline for both passes
+        cpu.close(), gpu.close()
