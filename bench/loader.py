@@ -122,15 +122,16 @@ def prepare(data: Path, name: str, options: dict, images: int):
 
 # --- throughput ------------------------------------------------------------------------------------
 
-def throughput(ds, photos: Path, *, image_size: int, batch: int, workers: int, device, epochs: int) -> dict:
+def throughput(ds, photos: Path, *, image_size: int, batch: int, workers: int, device, epochs: int,
+               dali_workers: int, dali_threads: int) -> dict:
     from dali_pipelines import PretrainLoader
 
     rates = {}
     table = random_table(ds, k=8)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     for name, kwargs in (("dali_clim_positives", dict(table=table)), ("dali_moco_v2", {})):
-        loader = PretrainLoader(ds, batch_size=batch, image_size=image_size, device=device, workers=workers,
-                                threads=workers, dtype=dtype, **kwargs)
+        loader = PretrainLoader(ds, batch_size=batch, image_size=image_size, device=device, workers=dali_workers,
+                                threads=dali_threads, dtype=dtype, **kwargs)
         seconds, anchors = time_epochs(loader, epochs)
         loader.close()
         rates[name] = anchors / seconds
@@ -149,7 +150,8 @@ def throughput(ds, photos: Path, *, image_size: int, batch: int, workers: int, d
 
 # --- the epoch boundary ------------------------------------------------------------------------------
 
-def boundary(ds, *, image_size: int, batch: int, workers: int, device, epochs: int, step_ms: float) -> dict:
+def boundary(ds, *, image_size: int, batch: int, dali_workers: int, dali_threads: int, device, epochs: int,
+             step_ms: float) -> dict:
     """One persistent loader with positives; a new table before every even epoch (announced by
     `table_changes`, as the training loop does for mining rounds). Each step 'trains' for
     `step_ms` (a sleep: the GPU busy with the model); `wait` is the time spent in the loader."""
@@ -157,8 +159,8 @@ def boundary(ds, *, image_size: int, batch: int, workers: int, device, epochs: i
 
     tables = [random_table(ds, k=8, seed=s) for s in range(2)]
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    loader = PretrainLoader(ds, batch_size=batch, image_size=image_size, device=device, workers=workers,
-                            threads=workers, dtype=dtype, table=tables[0], multires_sizes=(),
+    loader = PretrainLoader(ds, batch_size=batch, image_size=image_size, device=device, workers=dali_workers,
+                            threads=dali_threads, dtype=dtype, table=tables[0], multires_sizes=(),
                             table_changes=lambda e: e % 2 == 0)
     rows = []
     for epoch in range(epochs):
@@ -286,6 +288,8 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="GPU size: 224 px, 4096 JPEGs per set, batch 256")
     parser.add_argument("--images", type=int, help="JPEGs per image set (default 160 small, 4096 full)")
     parser.add_argument("--workers", type=int, help="CPU workers for both loaders (default 2 small, 14 full)")
+    parser.add_argument("--dali-workers", type=int, help="DALI's Python source workers (default --workers)")
+    parser.add_argument("--dali-threads", type=int, help="DALI's CPU threads (default --workers)")
     parser.add_argument("--batch-size", type=int, help="default 32 small, 256 full")
     parser.add_argument("--epochs", type=int, default=1, help="timed epochs after one warm-up epoch")
     parser.add_argument("--sets", default="imagenet_like,small", help="image sets to time (comma-separated)")
@@ -300,6 +304,7 @@ def main() -> None:
     full = args.full
     images = args.images or (4096 if full else 160)
     workers = args.workers or (14 if full else 2)
+    dali_workers, dali_threads = args.dali_workers or workers, args.dali_threads or workers
     batch = args.batch_size or (256 if full else 32)
     image_size = 224 if full else 64
     device = torch.device("cuda" if full and torch.cuda.is_available() else "cpu")
@@ -308,7 +313,8 @@ def main() -> None:
     info = machine_info()
     print(f"machine: {info}", flush=True)
     result = {"bench": "loader", "mode": "full" if full else "small", "machine": info, "image_size": image_size,
-              "batch_size": batch, "workers": workers, "device": str(device), "epochs": args.epochs, "sets": {}}
+              "batch_size": batch, "workers": workers, "dali_workers": dali_workers, "dali_threads": dali_threads,
+              "device": str(device), "epochs": args.epochs, "sets": {}}
 
     sets = image_sets(full, images)
     wanted = [s for s in args.sets.split(",") if s]
@@ -318,15 +324,17 @@ def main() -> None:
         photos, ds = prepare(data, name, sets[name], images)
         mean_kb = float(ds.index["size"].mean()) / 1024
         print(f"{name}: {ds.num_samples} JPEGs, mean {mean_kb:.1f} KB; image {image_size} px, batch {batch}, "
-              f"{workers} CPU workers, device {device}", flush=True)
+              f"{workers} CPU workers (DALI: {dali_workers} source workers, {dali_threads} threads), "
+              f"device {device}", flush=True)
         entry = {"images": ds.num_samples, "mean_jpeg_kb": mean_kb}
         if args.profile_source:
             entry["source_us_per_sample"] = profile_source(ds)
         else:
             entry.update(throughput(ds, photos, image_size=image_size, batch=batch, workers=workers, device=device,
-                                    epochs=args.epochs))
+                                    epochs=args.epochs, dali_workers=dali_workers, dali_threads=dali_threads))
             if name == wanted[0] and args.boundary_epochs:
-                entry["boundary"] = boundary(ds, image_size=image_size, batch=batch, workers=workers, device=device,
+                entry["boundary"] = boundary(ds, image_size=image_size, batch=batch, dali_workers=dali_workers,
+                                             dali_threads=dali_threads, device=device,
                                              epochs=args.boundary_epochs, step_ms=step_ms)
         result["sets"][name] = entry
         if name == wanted[0]:  # the first set's figures at the top level too (bench/gpu_check_data.py reads them)
