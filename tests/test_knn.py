@@ -212,3 +212,16 @@ def test_gpu_triton_failure_falls_back(monkeypatch):
         got = knn_torch(x, 10)
     assert torch.equal(got[1], want[1]) and knn._triton_broken is not None
     assert not knn.triton_available()
+
+
+def test_matmul_settings_restored_after_search():
+    x = clustered(n=200, dups=0)
+    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = True
+    torch.set_float32_matmul_precision("high")
+    try:
+        knn_torch(x, 5, dtype=torch.bfloat16, group=8)
+        knn_search(x, x, 5)
+        assert torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction is True
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision("highest")
