@@ -195,9 +195,9 @@ def boundary(ds, *, image_size: int, batch: int, dali_workers: int, dali_threads
 
 # --- CPU cost of the external source -------------------------------------------------------------------
 
-def profile_source(ds, repeats: int = 3) -> dict:
+def profile_source(ds, repeats: int = 7) -> dict:
     """Microseconds per sample of `AugmentSource.__call__` and of its parts, in this process."""
-    from dali_pipelines.augment import draw_views, moco_views, sample_rng
+    from dali_pipelines.augment import RngBank, draw_views, moco_views, sample_rng
     from dali_pipelines.external import AugmentSource, ShardReader, draw_positive
     from test_pipelines import straightforward_view  # the draws as first written, for 'before'
 
@@ -220,7 +220,7 @@ def profile_source(ds, repeats: int = 3) -> dict:
                                     moco_views(224, (192, 160, 128, 96)))):
         source = AugmentSource(reader, num_samples=n, global_batch=batch, rank=0, world_size=1, seed=0, start=0,
                                anchor_views=views, positive_views=positives, tables=Tables() if positives else None)
-        count = min(2048, source.share_len * 4)
+        count = min(1024, source.share_len * 4)
         sids = [source.anchor(*source.locate(i)) for i in range(count)]
         sizes = [reader.size_of(s) for s in sids]
 
@@ -263,10 +263,12 @@ def profile_source(ds, repeats: int = 3) -> dict:
                     out += (ds.jpeg(pid), pparams, pflips, np.array([pid], np.int64))
 
         rngs = [sample_rng(0, 0, s, 0) for s in sids]
+        bank = RngBank(0, 0, sids, 0)
         parts = {
             "callback_total_before": best(call_all_before),
             "callback_total": best(call_all),
             "sample_rng": best(lambda: [sample_rng(0, 0, s, 0) for s in sids]),
+            "rng_bank": best(lambda: [bank.rng(i) for i in range(count)]),
             "draw_views": best(lambda: [draw_views(r, w, h, views) for r, (w, h) in zip(rngs, sizes)]),
             "draw_views_straightforward": best(lambda: [[straightforward_view(r, w, h, v) for v in views]
                                                         for r, (w, h) in zip(rngs, sizes)]),

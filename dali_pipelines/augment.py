@@ -155,6 +155,89 @@ def sample_rng(seed: int, epoch: int, sample_id: int, stream: int) -> np.random.
     return np.random.default_rng([int(seed), int(epoch), int(sample_id), int(stream)])
 
 
+# --- the same generators, cheaper: numpy's SeedSequence hashing vectorised over many sample ids ----
+# (numpy/random/bit_generator.pyx: SeedSequence.mix_entropy / generate_state, PCG64's seeding in
+# pcg64.h). A fresh `default_rng(key)` costs ~11 us, most of it the hashing; here the hashing runs
+# once per epoch over the whole share and a sample's generator is one reusable PCG64 whose state
+# is set (~2 us). `tests/test_pipelines.py` checks the states against `default_rng` itself.
+
+_MASK32 = 0xFFFFFFFF
+_INIT_A, _MULT_A, _INIT_B, _MULT_B = 0x43B0D7E5, 0x931E8875, 0x8B51F9DD, 0x58F38DED
+_MIX_L, _MIX_R = np.uint32(0xCA01F9DD), np.uint32(0x4973F715)
+_SHIFT16 = np.uint32(16)
+_PCG_MULT = 0x2360ED051FC65DA44385DF649FCCF645
+_MASK128 = (1 << 128) - 1
+
+
+def seed_words(seed: int, epoch: int, sample_ids, stream: int) -> np.ndarray | None:
+    """`SeedSequence([seed, epoch, id, stream]).generate_state(4, uint64)` for every id at once:
+    uint64[n, 4]; None when a key part is outside 0..2**32-1 (numpy then splits it into several
+    words: use `sample_rng`)."""
+    ids = np.asarray(sample_ids, np.int64)
+    if not (0 <= seed <= _MASK32 and 0 <= epoch <= _MASK32 and 0 <= stream <= _MASK32) or \
+            (len(ids) and (ids.min() < 0 or ids.max() > _MASK32)):
+        return None
+    n = len(ids)
+    entropy = [np.full(n, seed, np.uint32), np.full(n, epoch, np.uint32), ids.astype(np.uint32),
+               np.full(n, stream, np.uint32)]
+    hash_const = _INIT_A
+
+    def hashmix(value):
+        nonlocal hash_const
+        value = value ^ np.uint32(hash_const)
+        hash_const = (hash_const * _MULT_A) & _MASK32
+        value = value * np.uint32(hash_const)  # uint32 arrays wrap around, as the C code does
+        return value ^ (value >> _SHIFT16)
+
+    def mix(x, y):
+        result = _MIX_L * x - _MIX_R * y
+        return result ^ (result >> _SHIFT16)
+
+    mixer = [hashmix(e) for e in entropy]
+    for src in range(4):
+        for dst in range(4):
+            if src != dst:
+                mixer[dst] = mix(mixer[dst], hashmix(mixer[src]))
+    hash_const = _INIT_B
+    words32 = []
+    for i in range(8):
+        value = mixer[i % 4] ^ np.uint32(hash_const)
+        hash_const = (hash_const * _MULT_B) & _MASK32
+        value = value * np.uint32(hash_const)
+        words32.append((value ^ (value >> _SHIFT16)).astype(np.uint64))
+    return np.stack([words32[2 * k] | (words32[2 * k + 1] << np.uint64(32)) for k in range(4)], axis=1)
+
+
+def pcg64_state(words) -> tuple[int, int]:
+    """PCG64's (state, inc) after seeding with the four uint64 words of `generate_state(4)`."""
+    w0, w1, w2, w3 = (int(x) for x in words)
+    inc = ((((w2 << 64) | w3) << 1) | 1) & _MASK128
+    state = (inc + ((w0 << 64) | w1)) & _MASK128
+    return (state * _PCG_MULT + inc) & _MASK128, inc
+
+
+class RngBank:
+    """`sample_rng(seed, epoch, ids[i], stream)` for the ids of one share, as one reused Generator
+    whose state is set per call: draws are bit-identical, the generator is valid until the next
+    call of `rng`."""
+
+    def __init__(self, seed: int, epoch: int, sample_ids, stream: int):
+        self.key = (int(seed), int(epoch), int(stream))
+        self.ids = sample_ids
+        self.words = seed_words(*self.key[:2], sample_ids, self.key[2])
+        self._bitgen = np.random.PCG64()
+        self._gen = np.random.Generator(self._bitgen)
+
+    def rng(self, i: int) -> np.random.Generator:
+        if self.words is None:
+            seed, epoch, stream = self.key
+            return sample_rng(seed, epoch, int(self.ids[i]), stream)
+        state, inc = pcg64_state(self.words[i])
+        self._bitgen.state = {"bit_generator": "PCG64", "state": {"state": state, "inc": inc},
+                              "has_uint32": 0, "uinteger": 0}
+        return self._gen
+
+
 def center_crop_roi(width: int, height: int, size: int) -> np.ndarray:
     """torchvision's Resize(round(size * 256 / 224)) + CenterCrop(size) as a relative ROI (y0, x0,
     y1, x1) of the original image, so one resize of the ROI samples the same grid."""

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dali_pipelines.augment import ViewSpec, center_crop_roi, draw_views, sample_rng
+from dali_pipelines.augment import RngBank, ViewSpec, center_crop_roi, draw_views
 from dali_pipelines.epochs import PAD_ID, epoch_share
 
 ANCHOR_STREAM, POSITIVE_STREAM = 0, 1
@@ -153,11 +153,11 @@ class AugmentSource:
         self.rank, self.world_size, self.seed, self.start = rank, world_size, seed, start
         self.share_len = (num_samples // global_batch) * global_batch // world_size
         self.anchor_views, self.positive_views, self.tables = anchor_views, positive_views, tables
-        self._share, self._share_epoch = None, None
+        self._share, self._share_epoch, self._rngs = None, None, None
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_share"] = state["_share_epoch"] = None
+        state["_share"] = state["_share_epoch"] = state["_rngs"] = None
         return state
 
     def share(self, epoch: int) -> np.ndarray:
@@ -165,7 +165,15 @@ class AugmentSource:
             self._share = epoch_share(self.num_samples, self.global_batch, self.rank, self.world_size,
                                       self.seed, epoch)
             self._share_epoch = epoch
+            self._rngs = [RngBank(self.seed, epoch, self._share, stream)
+                          for stream in (ANCHOR_STREAM, POSITIVE_STREAM)[:1 + bool(self.positive_views)]]
         return self._share
+
+    def rng(self, epoch: int, pos: int, stream: int) -> np.random.Generator:
+        """`sample_rng(seed, epoch, share[pos], stream)`, from this epoch's bank (valid until the
+        next call)."""
+        self.share(epoch)
+        return self._rngs[stream].rng(pos)
 
     def locate(self, idx: int) -> tuple[int, int]:
         """(epoch, position in the rank's share) of stream sample `idx`."""
@@ -174,9 +182,9 @@ class AugmentSource:
     def anchor(self, epoch: int, pos: int) -> int:
         return int(self.share(epoch)[pos])
 
-    def positive(self, epoch: int, sid: int) -> tuple[int, np.random.Generator]:
+    def positive(self, epoch: int, pos: int, sid: int) -> tuple[int, np.random.Generator]:
         positives, counts = self.tables.table(epoch)
-        rng = sample_rng(self.seed, epoch, sid, POSITIVE_STREAM)
+        rng = self.rng(epoch, pos, POSITIVE_STREAM)
         return draw_positive(rng, positives, counts, sid), rng
 
     def sample_ids(self, lo: int, hi: int) -> list[int]:
@@ -188,19 +196,17 @@ class AugmentSource:
             out.append(sid)
             table = self.tables.table(epoch, wait=False) if self.positive_views else None
             if table is not None:
-                rng = sample_rng(self.seed, epoch, sid, POSITIVE_STREAM)
-                out.append(draw_positive(rng, *table, sid))
+                out.append(draw_positive(self.rng(epoch, pos, POSITIVE_STREAM), *table, sid))
         return out
 
     def __call__(self, sample_info):
         epoch, pos = self.locate(sample_info.idx_in_epoch)
         sid = self.anchor(epoch, pos)
         reader = self.reader
-        params, flips = draw_views(sample_rng(self.seed, epoch, sid, ANCHOR_STREAM), *reader.size_of(sid),
-                                   self.anchor_views)
+        params, flips = draw_views(self.rng(epoch, pos, ANCHOR_STREAM), *reader.size_of(sid), self.anchor_views)
         out = (reader.jpeg(sid), params, flips, np.array([sid, reader.label(sid)], np.int64))
         if self.positive_views:
-            pid, rng = self.positive(epoch, sid)
+            pid, rng = self.positive(epoch, pos, sid)
             pparams, pflips = draw_views(rng, *reader.size_of(pid), self.positive_views)
             out += (reader.jpeg(pid), pparams, pflips, np.array([pid], np.int64))
         return out

@@ -448,6 +448,21 @@ def test_fast_parameter_draws_are_bit_identical_to_the_straightforward_ones():
             assert params[v].tobytes() == p.tobytes() and flips[v] == f, (i, v)
 
 
+def test_rng_bank_is_default_rng_per_sample():
+    """The vectorised SeedSequence + reused PCG64 give exactly `default_rng([seed, epoch, id, stream])`,
+    and fall back to it for key parts beyond 32 bits."""
+    from dali_pipelines.augment import RngBank
+
+    ids = np.arange(0, 3000) * 7919 + 11
+    for seed, epoch, stream in ((0, 0, 0), (5, 3, 1), (2**32 - 1, 1199, 1), (2**40 + 3, 2, 0)):
+        bank = RngBank(seed, epoch, ids, stream)
+        assert (bank.words is None) == (seed > 2**32 - 1)
+        for i in range(0, len(ids), 37):
+            ref = sample_rng(seed, epoch, int(ids[i]), stream)
+            assert bank.rng(i).bit_generator.state == ref.bit_generator.state, (seed, epoch, stream, i)
+            assert bank.rng(i).random(3).tolist() == ref.random(3).tolist()
+
+
 @pytest.mark.gpu
 def test_gpu_pipeline_matches_cpu(dataset, table):
     """mixed decode + GPU operators: same ids, float16 CUDA tensors close to the CPU graph's."""
