@@ -16,6 +16,11 @@
 #   train_step  bench/train_step.py --full  (RN50, 224 px, batch 256, bf16; synthetic vs real data)
 #   mine        bench/mine.py --size full   (1.28M x 128, m=10000, k=40; torch engine vs naive torch)
 #   loader      bench/loader.py --full      (DALI graphs vs torchvision + PIL, same images)
+# Steps that need no DALI (STEPS="ceiling round tests_nodali ceiling_compile"):
+#   ceiling     bench/train_step.py --full --synthetic-only: the compute ceiling of every preset
+#   round       bench/mine.py --size full --engines triton: the Triton kNN and the online round's parts
+#   tests_nodali  the GPU-marked tests that do not read shards (compiled step, bf16, kNN, mixing)
+#   ceiling_compile  clim_multires with torch.compile (compiles for minutes)
 # Results: $OUT/gpu_check.json (every figure, the performance targets (docs/benchmarks.md) next to them, rewritten
 # after every step), $OUT/gpu_check.log (all output), $OUT/train_log.jsonl (the run's log).
 #
@@ -172,6 +177,16 @@ if [ "${1:-}" = "__step" ]; then
             "$PY" -c "import faiss" 2>/dev/null || { faiss=(--faiss no); echo "-- faiss missing: --faiss no"; }
             exec "$PY" bench/mine.py "${MINE_ARGS[@]}" ${faiss[@]+"${faiss[@]}"} --json "$WORK/mine.json" ;;
         loader) exec "$PY" bench/loader.py "${LOADER_ARGS[@]}" --data "$WORK" --json "$WORK/loader.json" ;;
+        # steps that need no DALI (a machine reached without the carry, or with little time)
+        ceiling) exec "$PY" bench/train_step.py ${TRAIN_STEP_ARGS[@]+"${TRAIN_STEP_ARGS[@]}"} --synthetic-only \
+                    --variants no_cudnn_benchmark --json "$OUT/ceiling.json" ;;
+        ceiling_compile) exec "$PY" bench/train_step.py ${TRAIN_STEP_ARGS[@]+"${TRAIN_STEP_ARGS[@]}"} \
+                    --synthetic-only --presets clim_multires --variants compile --json "$OUT/ceiling_compile.json" ;;
+        round) exec "$PY" bench/mine.py "${MINE_ARGS[@]}" --engines triton --faiss no --json "$OUT/round.json" ;;
+        tests_nodali)
+            exec "$PY" -m pytest -q -m gpu tests/test_gpu_train.py::test_compiled_step_matches_eager \
+                tests/test_gpu_train.py::test_autocast_step_is_bf16_and_close_to_fp32 tests/test_knn.py \
+                tests/test_mixing.py -p no:cacheprovider -rfEs --junitxml="$OUT/pytest_nodali.xml" ;;
         *) echo "unknown step $2"; exit 2 ;;
     esac
 fi
@@ -203,7 +218,8 @@ box_of() {
     case "$1" in
         meta) echo 90 ;; tests) echo "$BOX_TESTS" ;; data) echo "$BOX_DATA" ;;
         train) echo $((BOX_TRAIN1 + BOX_TRAIN2 + 70)) ;; train_step) echo "$BOX_TS" ;;
-        mine) echo "$BOX_MINE" ;; loader) echo "$BOX_LOADER" ;; *) echo 60 ;;
+        mine) echo "$BOX_MINE" ;; loader) echo "$BOX_LOADER" ;; ceiling) echo 120 ;; round) echo 90 ;;
+        tests_nodali) echo 120 ;; ceiling_compile) echo 240 ;; *) echo 60 ;;
     esac
 }
 

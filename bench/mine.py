@@ -176,26 +176,26 @@ def main() -> None:
                 entry = dict(error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc()[-2000:])
             row["engines"][name] = entry
             print(f"N={n:,} {name}: {json.dumps(entry)}", flush=True)
+            if args.json:  # partial results survive a time box
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps(dict(benchmark="mine", machine=info, results=results + [row]), indent=2))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         naive = row["engines"].get("naive_torch", {}).get("knn_s")
         for name, entry in row["engines"].items():
             if naive and "knn_s" in entry:
                 entry["speedup_vs_naive"] = round(naive / entry["knn_s"], 2)
-        if not args.no_round:
+        if not args.no_round:  # the online round's own code (sharded.mine_round, one rank)
             try:
-                (c, a), t_km = timed(lambda: kmeans_torch(x, m, niter=20, seed=0))
-                (_, nb), t_knn = timed(lambda: knn_search(x, x, args.k))  # the default engine
-                try:
-                    from clim_fast.mining.select import select_positives
-                except ImportError:
-                    from clim_fast.mining.engine import select_positives
-                _, t_sel = timed(lambda: select_positives(nb, a, (x * c[a]).sum(1)))
-                row["round_default_engine"] = dict(kmeans_s=round(t_km, 3), knn_s=round(t_knn, 3),
-                                                   select_s=round(t_sel, 3), total_s=round(t_km + t_knn + t_sel, 3))
+                from clim_fast.mining.sharded import block_search, mine_round
+
+                ids = torch.arange(n, device=device)
+                (_, _, _, _, parts), t_round = timed(lambda: mine_round(x, ids, None, n, clusters=m, k=args.k, seed=0,
+                                                                       search=block_search("torch")))
+                row["round"] = dict({key: round(v, 3) for key, v in parts.items()}, total_s=round(t_round, 3))
             except Exception as err:  # noqa: BLE001 - report it with the kNN figures
-                row["round_default_engine"] = dict(error=f"{type(err).__name__}: {err}")
-            print(f"N={n:,} round (default engine): {json.dumps(row['round_default_engine'])}", flush=True)
+                row["round"] = dict(error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc()[-2000:])
+            print(f"N={n:,} round: {json.dumps(row['round'])}", flush=True)
         results.append(row)
         del x
     report = dict(benchmark="mine", machine=info, results=results)

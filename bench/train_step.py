@@ -28,7 +28,6 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 from clim_fast.config import make_config  # noqa: E402
 from clim_fast.machine import machine_info  # noqa: E402
 from clim_fast.method.clim import CLIM  # noqa: E402
-from clim_fast.training.loop import ShardData  # noqa: E402
 from dali_pipelines.names import anchor_view_names, positive_view_names  # noqa: E402
 from shards.neighbours import NeighbourTable  # noqa: E402
 
@@ -134,12 +133,13 @@ def main() -> None:
     ap.add_argument("--row-seconds", type=float, default=None, help="time box of a row's timed steps")
     ap.add_argument("--variants", default="", help="extra synthetic rows for clim_multires: "
                     "no_cudnn_benchmark, compile (comma-separated)")
+    ap.add_argument("--synthetic-only", action="store_true", help="no real rows (no DALI needed)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.full:
         arch, size, batch, workers, threads = "resnet50", 224, 256, 12, 4
-        steps, warmup, box = args.steps or 60, args.warmup or 8, args.row_seconds or 15
+        steps, warmup, box = args.steps or 40, args.warmup or 6, args.row_seconds or 10
     else:
         torch.set_num_threads(2)
         arch, size, batch, workers, threads = "resnet18", 32, 16, 1, 1
@@ -150,9 +150,13 @@ def main() -> None:
                "batch": batch, "warmup": warmup, "runs": []}
     print(json.dumps(results["machine"]))
     with tempfile.TemporaryDirectory() as tmp:
-        shards_dir = Path(args.shards) if args.shards else generated_shards(Path(tmp), max(8, batch // 2))
-        data = ShardData(shards_dir)
-        table = same_label_table(data.dataset.labels, data.dataset_id)
+        data = table = None
+        if not args.synthetic_only:
+            from clim_fast.training.loop import ShardData  # the real rows need DALI
+
+            shards_dir = Path(args.shards) if args.shards else generated_shards(Path(tmp), max(8, batch // 2))
+            data = ShardData(shards_dir)
+            table = same_label_table(data.dataset.labels, data.dataset_id)
         for preset in args.presets.split(","):
             cfg = make_config(preset, dict(arch=arch, image_size=size, batch_size=batch, queue_size=batch * 16,
                                            workers=workers, dali_threads=threads))
@@ -160,6 +164,11 @@ def main() -> None:
             row = {"preset": preset, "synthetic": measure(model, optimizer, repeat(synthetic_batch(cfg, device)), cfg,
                                                           device, warmup=warmup, steps=steps, seconds=box)}
             print(json.dumps(row), flush=True)
+            if data is None:
+                results["runs"].append(row)
+                if args.json:
+                    Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+                continue
             loader = data.loader(cfg, 0, 1, device, None)
             if cfg.uses_positives:
                 loader.set_table(table)
@@ -176,6 +185,7 @@ def main() -> None:
         for variant in filter(None, args.variants.split(",")):
             cfg = make_config("clim_multires", dict(arch=arch, image_size=size, batch_size=batch,
                                                     queue_size=batch * 16, compile=variant == "compile"))
+            print(f"variant {variant}: building", flush=True)
             if device.type == "cuda":
                 torch.backends.cudnn.benchmark = variant != "no_cudnn_benchmark"
             model, optimizer = build(cfg, device)

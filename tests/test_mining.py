@@ -228,14 +228,13 @@ def test_gpu_torch_engine_matches_faiss():
 def test_sharded_round_in_one_process_equals_the_reference(data):
     """The online round's code (sharded.mine_round, here with one block) gives the brute-force
     reference selection on the same clustering."""
-    from clim_fast.mining.rounds import exact_block_search
-    from clim_fast.mining.sharded import mine_round
+    from clim_fast.mining.sharded import block_search, mine_round
 
     x = random_features(500) if data == "random" else clustered_features()[0]
     # the rows arrive in any order: features stay with the rank (and batch) that computed them
     order = np.random.default_rng(1).permutation(len(x))
     table, fallback, nearest, _, timings = mine_round(torch.from_numpy(x[order]), torch.from_numpy(order), None,
-                                                      len(x), clusters=10, k=8, seed=0, search=exact_block_search)
+                                                      len(x), clusters=10, k=8, seed=0, search=block_search("torch"))
     centroids, assignment = kmeans_torch(torch.from_numpy(x), 10, seed=0)
     neighbours = brute_force_knn(x, 8)
     centre_sim = (torch.from_numpy(x) * centroids[assignment]).sum(1).numpy()

@@ -20,7 +20,7 @@ import torch
 from clim_fast import distributed as dd
 from clim_fast.features import agree_width, check_coverage, encode_share, momentum_features
 from clim_fast.mining.select import clamp_sizes, format_stats, table_stats
-from clim_fast.mining.sharded import mine_round
+from clim_fast.mining.sharded import block_search, mine_round
 from dali_pipelines import FeatureLoader
 
 
@@ -38,26 +38,6 @@ def is_refresh_epoch(cfg, epoch: int) -> bool:
 
 def table_path(run_dir: str | Path, epoch: int) -> Path:
     return Path(run_dir) / "tables" / f"table-epoch-{epoch:04d}.npz"
-
-
-@torch.no_grad()
-def exact_block_search(queries: torch.Tensor, block: torch.Tensor, kk: int):
-    """Top-kk (fp32 sims, rows of block) of each query; ties by smaller row."""
-    sims, rows = [], []
-    for s in range(0, queries.shape[0], 4096):
-        scores = queries[s:s + 4096] @ block.T
-        top = scores.topk(kk, dim=1)
-        sims.append(top.values)
-        rows.append(top.indices)
-    return torch.cat(sims), torch.cat(rows)
-
-
-def faiss_block_search(queries: torch.Tensor, block: torch.Tensor, kk: int):
-    from clim_fast.mining.knn import knn_search
-
-    sims, rows = knn_search(queries.cpu().numpy(), block.cpu().numpy(), kk,
-                            query_ids=torch.full((queries.shape[0],), -1, dtype=torch.int64).numpy(), engine="faiss")
-    return torch.as_tensor(sims).to(queries.device), torch.as_tensor(rows).long().to(queries.device)
 
 
 class OnlineMining:
@@ -92,11 +72,10 @@ class OnlineMining:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         feature_s = time.perf_counter() - t0
-        search = faiss_block_search if cfg.mine_engine == "faiss" else exact_block_search
         has_labels = bool(dd.all_reduce_sum(torch.tensor([int((labels < 0).sum())])).item() == 0)
         table, fallback, nearest, all_labels, timings = mine_round(
             feats.to(self.device), ids, labels if has_labels else None, n, clusters=clusters, k=k,
-            seed=cfg.seed + epoch, search=search)
+            seed=cfg.seed + epoch, search=block_search(cfg.mine_engine))
         del feats
         if self.device.type == "cuda":  # hand the search blocks' cache back to training
             torch.cuda.empty_cache()

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from clim_fast import distributed as dd
+from clim_fast.mining.knn import drop_self, knn_search
 from clim_fast.mining.select import select_positives
 from shards.neighbours import NeighbourTable
 
@@ -118,16 +119,24 @@ def knn(x: torch.Tensor, ids: torch.Tensor, k: int, search) -> tuple[torch.Tenso
             continue
         s, rows = search(x, block, min(kk, block.shape[0]))
         best_s, best_i = _merge(best_s, best_i, s, block_ids[rows], kk)
-    return _drop_self(best_s, best_i, ids.to(x.device))
+    return drop_self(best_s, best_i, ids.to(x.device))
 
 
-def _drop_self(sims, nb, ids):
-    """Remove each row's own id wherever it ranks; a row where duplicates pushed it out loses its
-    last entry instead."""
-    is_self = nb == ids[:, None]
-    is_self[~is_self.any(1), -1] = True
-    keep = torch.argsort(is_self.to(torch.int8), dim=1, stable=True)[:, :-1]
-    return sims.gather(1, keep), nb.gather(1, keep)
+def block_search(engine: str):
+    """search(queries, block, kk) -> (sims, rows of block) for sharded.knn: the top-kk of each
+    query among a block's rows (no self exclusion: ids there are global), ties by smaller row.
+    torch: Triton on CUDA when available; faiss: faiss on the queries' data."""
+    engine = "faiss" if engine == "faiss" else "torch"
+
+    def search(queries: torch.Tensor, block: torch.Tensor, kk: int):
+        none = torch.full((queries.shape[0],), -1, dtype=torch.int64)
+        if engine == "faiss":
+            sims, rows = knn_search(queries.cpu().numpy(), block.cpu().numpy(), kk, query_ids=none.numpy(),
+                                    engine="faiss")
+            return torch.as_tensor(sims).to(queries.device), torch.as_tensor(rows).long().to(queries.device)
+        return knn_search(queries, block, kk, query_ids=none.to(queries.device))
+
+    return search
 
 
 def mine_round(x: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor | None, num_samples: int, *,
