@@ -219,20 +219,36 @@ def pcg64_state(words) -> tuple[int, int]:
 class RngBank:
     """`sample_rng(seed, epoch, ids[i], stream)` for the ids of one share, as one reused Generator
     whose state is set per call: draws are bit-identical, the generator is valid until the next
-    call of `rng`."""
+    call of `rng`. The seed words are computed per block of BLOCK positions, when first needed
+    (a worker touches only its own chunks, and an epoch start costs no pass over the whole share)."""
+
+    BLOCK = 2048
 
     def __init__(self, seed: int, epoch: int, sample_ids, stream: int):
         self.key = (int(seed), int(epoch), int(stream))
         self.ids = sample_ids
-        self.words = seed_words(*self.key[:2], sample_ids, self.key[2])
+        self.fallback = seed_words(self.key[0], self.key[1], np.zeros(0, np.int64), self.key[2]) is None
+        self._blocks: dict[int, np.ndarray | None] = {}
         self._bitgen = np.random.PCG64()
         self._gen = np.random.Generator(self._bitgen)
 
+    def _words(self, i: int) -> np.ndarray | None:
+        block = i // self.BLOCK
+        words = self._blocks.get(block, False)
+        if words is False:
+            if len(self._blocks) >= 8:
+                self._blocks.clear()
+            lo = block * self.BLOCK
+            words = seed_words(self.key[0], self.key[1], self.ids[lo:lo + self.BLOCK], self.key[2])
+            self._blocks[block] = words
+        return None if words is None else words[i - block * self.BLOCK]
+
     def rng(self, i: int) -> np.random.Generator:
-        if self.words is None:
+        words = None if self.fallback else self._words(i)
+        if words is None:
             seed, epoch, stream = self.key
             return sample_rng(seed, epoch, int(self.ids[i]), stream)
-        state, inc = pcg64_state(self.words[i])
+        state, inc = pcg64_state(words)
         self._bitgen.state = {"bit_generator": "PCG64", "state": {"state": state, "inc": inc},
                               "has_uint32": 0, "uinteger": 0}
         return self._gen

@@ -456,7 +456,7 @@ def test_rng_bank_is_default_rng_per_sample():
     ids = np.arange(0, 3000) * 7919 + 11
     for seed, epoch, stream in ((0, 0, 0), (5, 3, 1), (2**32 - 1, 1199, 1), (2**40 + 3, 2, 0)):
         bank = RngBank(seed, epoch, ids, stream)
-        assert (bank.words is None) == (seed > 2**32 - 1)
+        assert bank.fallback == (seed > 2**32 - 1)
         for i in range(0, len(ids), 37):
             ref = sample_rng(seed, epoch, int(ids[i]), stream)
             assert bank.rng(i).bit_generator.state == ref.bit_generator.state, (seed, epoch, stream, i)
