@@ -193,6 +193,7 @@ class PretrainLoader:
         stream = self._stream
         keep = (stream is not None and not stream.broken and stream.key == positives
                 and stream.next_step == target
+                and stream.depth >= min(2, self.steps - step)  # a stream resumed at an epoch's last step ran at 1
                 and (not positives or self._published.get(epoch, self._table_folder) == self._table_folder))
         if not keep:
             self._drop_stream()

@@ -111,6 +111,17 @@ def test_resume_mid_epoch_equals_the_uninterrupted_epoch_and_decodes_nothing_ski
     loader.close()
 
 
+def test_resume_at_an_epochs_last_step_before_a_table_swap(parallel_run, dataset, table):
+    """One step left and the next epoch's table not known yet: the stream must not read ahead."""
+    loader = PretrainLoader(dataset, batch_size=BATCH, image_size=SIZE, workers=0, table=table,
+                            multires_sizes=(24, 16), seed=5, table_changes=lambda e: True)
+    loader.set_epoch(1, start_step=5)
+    assert same_batches(list(loader), parallel_run[1][5:])
+    loader.set_epoch(2)
+    assert same_batches(list(loader)[:1], list_epoch(dataset, table, 2)[:1])
+    loader.close()
+
+
 def list_epoch(dataset, table, epoch, **kwargs):
     loader = PretrainLoader(dataset, batch_size=BATCH, image_size=SIZE, workers=0, table=table,
                             multires_sizes=(24, 16), seed=5, **kwargs)
