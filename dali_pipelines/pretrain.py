@@ -19,7 +19,7 @@ from nvidia.dali import pipeline_def
 
 from dali_pipelines.augment import MOCO_SCALE, ViewSpec, moco_views
 from dali_pipelines.epochs import check_batch, steps_per_epoch
-from dali_pipelines.external import AugmentSource, ShardReader, TableBook, publish_table
+from dali_pipelines.external import AugmentSource, ShardReader, TableBook, epoch_pointer, publish_table
 from dali_pipelines.loader import BatchStream, Scratch, Settings, as_dataset
 from dali_pipelines.ops import augmented_view, decode
 from shards.errors import UserError
@@ -173,6 +173,9 @@ class PretrainLoader:
         if epoch not in self._published:
             publish_table(self._pointers, epoch, self._table_folder)
             self._published[epoch] = self._table_folder
+            for old in [e for e in self._published if e < epoch - 2]:  # the stream never goes back
+                del self._published[old]
+                epoch_pointer(self._pointers, old).unlink(missing_ok=True)
 
     def _limit(self) -> int | None:
         """Steps below this may be fed: the end of the last epoch whose table is published."""
