@@ -142,7 +142,11 @@ class BatchStream:
         except Exception as error:
             self.broken = True
             lo, hi = self._taken * self.local_batch, max(self._fed, self._taken + 1) * self.local_batch
-            message = failure_message(self.dataset, self.source.sample_ids(lo, hi), error)
+            try:
+                message = failure_message(self.dataset, self.source.sample_ids(lo, hi), error)
+            except Exception:  # describing the failure must not hide it
+                self.close()
+                raise error
             self.close()
             raise UserError(message) from None
         self._taken += 1
