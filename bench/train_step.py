@@ -72,8 +72,7 @@ def build(cfg, device):
 def measure(model, optimizer, batches, cfg, device, *, warmup: int, steps: int, seconds: float) -> dict:
     """The loop's step (as train_one_epoch runs it) timed after `warmup`; wall time split into
     waiting for the next batch and the rest."""
-    done, timed, wait, start = 0, 0, 0.0, None
-    deadline = time.perf_counter() + seconds
+    done, timed, wait, start, deadline = 0, 0, 0.0, None, None
     it = iter(batches)
     while True:
         t0 = time.perf_counter()
@@ -82,6 +81,7 @@ def measure(model, optimizer, batches, cfg, device, *, warmup: int, steps: int, 
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
+            deadline = start + seconds  # the box covers the timed steps, not the warm-up
         elif done > warmup:
             wait += time.perf_counter() - t0
             timed += 1

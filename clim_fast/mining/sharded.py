@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from clim_fast import distributed as dd
-from clim_fast.mining.knn import drop_self, knn_search
+from clim_fast.mining.knn import drop_self, exact_fp32_matmul, knn_search, search_dtype
 from clim_fast.mining.select import select_positives
 from shards.neighbours import NeighbourTable
 
@@ -46,12 +46,14 @@ def gather_by_id(num_samples: int, ids: torch.Tensor, rows: torch.Tensor) -> tor
 
 @torch.no_grad()
 def _assign(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 65536):
-    """Most similar centroid of each row: (sims float32 [n], ids int64 [n]), exact fp32."""
+    """Most similar centroid of each row: (sims float32 [n], ids int64 [n]) in x's precision."""
     sims = torch.empty(x.shape[0], device=x.device)
     ids = torch.empty(x.shape[0], device=x.device, dtype=torch.int64)
-    for s in range(0, x.shape[0], chunk):
-        best = (x[s:s + chunk] @ centroids.T).max(dim=1)
-        sims[s:s + chunk], ids[s:s + chunk] = best.values, best.indices
+    c = centroids.to(x.dtype)
+    with exact_fp32_matmul():
+        for s in range(0, x.shape[0], chunk):
+            best = (x[s:s + chunk] @ c.T).max(dim=1)
+            sims[s:s + chunk], ids[s:s + chunk] = best.values.float(), best.indices
     return sims, ids
 
 
@@ -68,8 +70,11 @@ def kmeans(x: torch.Tensor, ids: torch.Tensor, num_samples: int, clusters: int, 
     init = torch.zeros(clusters, d, dtype=torch.float64, device=x.device)
     init[mine[mine >= 0]] = x[mine >= 0].double()
     centroids = dd.all_reduce_sum(init).float()
+    # Lloyd iterations assign in fp16 on CUDA (tensor cores; K-means tolerates the odd near-tie
+    # flipping), the final assignment is exact fp32
+    x_low = x.to(search_dtype(x.device))
     for _ in range(niter):
-        sims, assignment = _assign(x, centroids)
+        sims, assignment = _assign(x_low, centroids)
         sums = torch.zeros(clusters, d, dtype=torch.float64, device=x.device).index_add_(0, assignment, x.double())
         counts = torch.bincount(assignment, minlength=clusters)
         sums, counts = dd.all_reduce_sum(sums), dd.all_reduce_sum(counts)
