@@ -6,11 +6,11 @@ value, broadcasts return it as is, barriers do nothing.
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -65,8 +65,6 @@ def init_distributed(rank: int, world_size: int, *, backend: str, master_addr: s
     """Join the process group (no-op for world_size 1). NCCL on GPUs, gloo on CPU."""
     if world_size <= 1 or dist.is_initialized():
         return
-    import datetime
-
     os.environ["MASTER_ADDR"] = str(master_addr)
     os.environ["MASTER_PORT"] = str(master_port)
     try:
@@ -202,17 +200,4 @@ def all_gather_object(obj) -> list:
     dist.all_gather_object(out, obj)
     return out
 
-
-def broadcast_numpy(arr: np.ndarray | None, src: int = 0) -> np.ndarray:
-    """Rank `src`'s array on every rank; other ranks may pass None."""
-    if not is_distributed():
-        return arr
-    meta = broadcast_object((arr.dtype.str, arr.shape) if get_rank() == src else None, src)
-    dtype, shape = np.dtype(meta[0]), meta[1]
-    if get_rank() == src:
-        t = torch.from_numpy(np.ascontiguousarray(arr).view(np.uint8).reshape(-1).copy())
-    else:
-        t = torch.empty(int(np.prod(shape)) * dtype.itemsize, dtype=torch.uint8)
-    t = broadcast_tensor(t, src)
-    return t.numpy().view(dtype).reshape(shape)
 

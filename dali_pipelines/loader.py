@@ -22,8 +22,11 @@ import tempfile
 import weakref
 from pathlib import Path
 
+import nvidia.dali.types as types
 import torch
+from PIL import Image
 
+from shards import ShardDataset
 from shards.errors import UserError
 
 _DALI_DTYPES = {torch.float32: "FLOAT", torch.float16: "FLOAT16", torch.bfloat16: "FLOAT"}
@@ -31,8 +34,6 @@ _DALI_DTYPES = {torch.float32: "FLOAT", torch.float16: "FLOAT16", torch.bfloat16
 
 def dali_dtype(dtype: torch.dtype):
     """The DALI output type for a torch dtype (bfloat16 is produced as float32, cast on device)."""
-    import nvidia.dali.types as types
-
     if dtype not in _DALI_DTYPES:
         raise UserError(f"dtype: {dtype} is not supported; use torch.float32, float16 or bfloat16")
     return getattr(types, _DALI_DTYPES[dtype])
@@ -40,8 +41,6 @@ def dali_dtype(dtype: torch.dtype):
 
 def as_dataset(dataset):
     """The `shards.ShardDataset` a loader reads (a path is opened, as a convenience)."""
-    from shards import ShardDataset
-
     return dataset if isinstance(dataset, ShardDataset) else ShardDataset(dataset)
 
 
@@ -200,8 +199,6 @@ def describe_samples(dataset, ids) -> str:
 
 def undecodable(dataset, ids) -> list[int]:
     """The ids among `ids` whose JPEG does not decode (checked with PIL, on the error path only)."""
-    from PIL import Image
-
     bad = []
     for sid in sorted({int(i) for i in ids if int(i) >= 0}):
         try:

@@ -17,7 +17,11 @@ class TorchDraws:
     def uniform(self, low, high):
         return torch.empty(1).uniform_(float(low), float(high)).item()
 
-    def integers(self, low, high):
+    def random(self):
+        return torch.empty(1).uniform_(0.0, 1.0).item()
+
+    def integers(self, low, high=None):
+        low, high = (0, low) if high is None else (low, high)
         return int(torch.randint(low, high, size=(1,)).item())
 
 

@@ -16,6 +16,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from clim_fast.evaluation.measures import check_same_classes, eval_backbone
+from clim_fast.training.checkpoint import model_from_checkpoint
+from dali_pipelines import FeatureLoader, LinearTrainLoader
+from shards import ShardDataset
 from shards.errors import UserError
 
 
@@ -114,13 +118,9 @@ def linear_eval_checkpoint(checkpoint, shards_dir, val_shards_dir, *, image_size
                            device=None, workers: int = 2, threads: int = 2, seed: int = 0, log=print) -> dict:
     """The linear protocol on the query encoder's backbone of a training checkpoint, fed by the DALI
     LinearTrainLoader and FeatureLoader graphs (train: RandomResizedCrop + flip, val: resize + center crop)."""
-    from clim_fast.training.checkpoint import model_from_checkpoint
-    from clim_fast.evaluation.measures import check_same_classes, eval_backbone
-    from shards import ShardDataset
 
     train_set, val_set = ShardDataset(shards_dir), ShardDataset(val_shards_dir)
     check_same_classes(train_set, val_set, shards_dir, val_shards_dir)
-    from dali_pipelines import FeatureLoader, LinearTrainLoader
 
     model, cfg, _ = model_from_checkpoint(checkpoint, map_location="cpu")
     image_size = image_size or cfg.image_size

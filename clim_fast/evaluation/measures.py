@@ -14,8 +14,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from shards.errors import UserError
+from clim_fast.features import extract_features
+from clim_fast.training.checkpoint import model_from_checkpoint
+from dali_pipelines import FeatureLoader
+from shards import ShardDataset
 from shards.atomic import atomic_open
+from shards.errors import UserError
 
 FEATURE_CACHE_FORMAT = 1
 
@@ -207,7 +211,6 @@ def checkpoint_features(checkpoint: str | Path, shards_dir: str | Path, cache_di
     encoder) and cached under `cache_dir` as float16; fresh results go through the same float16
     round trip so a cached run reports exactly what the first run did.
     """
-    from shards import ShardDataset
 
     checkpoint = Path(checkpoint)
     if checkpoint.is_dir():
@@ -217,8 +220,6 @@ def checkpoint_features(checkpoint: str | Path, shards_dir: str | Path, cache_di
     dataset = ShardDataset(shards_dir)
     sha = file_sha256(checkpoint)
     if model is None or image_size is None:
-        from clim_fast.training.checkpoint import model_from_checkpoint
-
         model, cfg, _ = model_from_checkpoint(checkpoint, map_location="cpu")
         image_size = image_size or cfg.image_size
     path = feature_cache_path(cache_dir, sha, dataset.dataset_id, image_size, encoder) if cache_dir else None
@@ -252,8 +253,6 @@ def eval_backbone(model, encoder: str = "query") -> torch.nn.Module:
 def extract_backbone_features(model, shards_dir, *, image_size: int, batch_size: int, device,
                               workers: int = 2, threads: int = 2, encoder: str = "query",
                               num_samples: int | None = None) -> tuple[torch.Tensor, np.ndarray]:
-    from dali_pipelines import FeatureLoader
-    from clim_fast.features import extract_features
 
     backbone = eval_backbone(model, encoder).to(device)
     was_training = backbone.training
@@ -289,7 +288,6 @@ def check_same_classes(train, val, train_dir=None, val_dir=None) -> None:
     """Every eval's guard: the validation shards must use the training shards' class mapping
     (name -> index), else labels would silently mean different classes. `train`/`val`: ShardDatasets
     or shard folders. One-line UserError naming both folders and the first difference."""
-    from shards import ShardDataset
 
     train = train if isinstance(train, ShardDataset) else ShardDataset(train)
     val = val if isinstance(val, ShardDataset) else ShardDataset(val)
@@ -314,7 +312,6 @@ def knn_eval(checkpoint, shards_dir, val_shards_dir=None, cache_dir=None, *, k: 
     """kNN top-1/top-5 of a checkpoint: the training shards are the memory bank, --val-shards the
     queries; without --val-shards, every `holdout_every`-th sample id of the shards is held out as
     the queries and the rest are the memory bank."""
-    from shards import ShardDataset
 
     train_set = ShardDataset(shards_dir)
     if val_shards_dir:  # before any feature pass: a mismatch is refused at once
@@ -346,7 +343,6 @@ def similarity_eval(checkpoint, shards_dir, cache_dir=None, *, log=print, same_c
 
 def tsne_eval(checkpoint, shards_dir, png, cache_dir=None, *, classes: int = 10, per_class: int = 300,
               seed: int = 0, title: str | None = None, log=print, same_classes_as=None, **feature_kw) -> dict:
-    from shards import ShardDataset
 
     if same_classes_as is not None:
         check_same_classes(same_classes_as, shards_dir)

@@ -11,12 +11,15 @@ from __future__ import annotations
 import io
 import random
 import re
+import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from clim_fast.config import Config
+from clim_fast.method.moco import MoCo
 from shards.errors import UserError
 from shards.atomic import atomic_write_bytes
 
@@ -76,9 +79,6 @@ def _load_failure(e: Exception) -> str:
 
 def model_from_checkpoint(path: str | Path, map_location="cpu"):
     """(MoCo in eval mode, Config, checkpoint dict)."""
-    from clim_fast.config import Config
-    from clim_fast.method.moco import MoCo
-
     ckpt = load_checkpoint(path, map_location)
     cfg = Config.from_dict(ckpt["config"])
     model = MoCo(cfg)
@@ -113,8 +113,6 @@ def find_resume_checkpoint(run_dir: str | Path, *, allow_broken: bool = False,
     checkpoint files but none loads, a UserError naming them (nothing is overwritten), unless
     `allow_broken` (the user asked to start over: warnings, then None).
     """
-    import sys
-
     if warn is None:
         def warn(message: str) -> None:
             print(message, file=sys.stderr, flush=True)
