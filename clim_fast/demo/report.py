@@ -167,9 +167,11 @@ def write_report(out: str | Path, summary: dict) -> Path:
                 text += f" (with k=20: {g20['difference']:+.2f} points)"
         lines.append(text + ".")
     lines += ["", "**CLIM minus MoCo v2** (same seeds, paired):"]
-    for metric, label, unit, digits in (("knn_top1", "kNN top-1", " points", 2), ("knn_top5", "kNN top-5", " points", 2),
+    for metric, label, unit, digits in (("knn_top1", "kNN top-1", " points", 2),
+                                        ("knn_top5", "kNN top-5", " points", 2),
                                         ("knn_top1_k20", "kNN top-1 with k=20", " points", 2),
-                                        ("intra", "intra-class similarity", "", 3), ("gap", "intra - inter gap", "", 3)):
+                                        ("intra", "intra-class similarity", "", 3),
+                                        ("gap", "intra - inter gap", "", 3)):
         c = summary["clim_minus_moco"].get(metric)
         if c:
             lines.append(f"- {label}: {_verdict(c, unit, digits)}.")
@@ -183,8 +185,10 @@ def write_report(out: str | Path, summary: dict) -> Path:
         first, last = summary["mining"][0]["label_purity_mean"], summary["mining"][-1]["label_purity_mean"]
         if len(summary["mining"]) > 1:
             trend = "rose" if last > first else "fell" if last < first else "stayed level"
+            meaning = ("mining finds more same-class neighbours as the features improve" if last > first else
+                       "the features did not make mining find more same-class neighbours")
             lines += ["", f"Purity {trend} from {100 * first:.1f} % to {100 * last:.1f} % as training went on "
-                      f"({'mining finds more same-class neighbours as the features improve' if last > first else 'the features did not make mining find more same-class neighbours'})."]
+                      f"({meaning})."]
     lines += [
         "",
         "kNN: weighted kNN (k=%d, t=%.2f, the MoCo protocol of `clim-fast eval knn`) on L2-normalised pooled "
