@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU path of clim-fast, end to end, in one run (issue 7; how-to: docs/gpu-check.md).
+# The GPU path of clim-fast, end to end, in one run (how-to: docs/gpu-check.md).
 #
 # On the lent GPU machine, after the DALI carry of ../shared/device/README.md (the check runs in
 # the fourth call, right after install.sh):
@@ -10,12 +10,18 @@
 # the next step still runs; the whole check stops starting steps after BUDGET_S seconds):
 #   meta        versions, GPU, which optional packages import (faiss, webdataset, DALI)
 #   tests       python3 -m pytest -q -m gpu tests/   (GPU-marked tests)
-#   data        a few thousand 400-500 px JPEGs (photos.make_photo_folder) -> `cli shard`
-#   train       `cli train --preset clim_multires` on those shards, two online mining refreshes
-#               (torch engine), SIGTERM in the middle of epoch 2, then `--resume auto` to the end
-#   train_step  bench/train_step.py --full  (RN50, 224 px, batch 256, bf16; synthetic vs real data)
-#   mine        bench/mine.py --size full   (1.28M x 128, m=10000, k=40; torch engine vs naive torch)
-#   loader      bench/loader.py --full      (DALI graphs vs torchvision + PIL, same images)
+#   data        15,400 ImageNet-like JPEGs (~110 KB, 350-500 px; photos.IMAGENET_LIKE) -> `cli shard`
+#   train_step  bench/train_step.py --full  (RN50, 224 px, batch 256, bf16; moco_v2, clim,
+#               clim_multires: synthetic ceiling vs real data, data-wait share)
+#   train       `cli train --preset clim_multires` on those shards (60 steps an epoch), two online
+#               mining rounds, SIGTERM in the middle of epoch 2, then `--resume auto` to the end;
+#               log.jsonl has each epoch's first-batch wait and each round's parts
+#   mine        bench/mine.py --size full   (1.28M x 128, m=10000, k=40; Triton vs naive torch,
+#               and the online round's parts)
+#   loader      bench/loader.py --full      (DALI graphs vs torchvision + PIL, ImageNet-like and
+#               small JPEGs; the epoch boundary of a persistent loader)
+#   train2      two ranks on the one GPU over gloo (--gpus 2 --share-gpu) with a mining round
+#   demo        `cli demo --budget gpu` (3 seeds); keeps summary.json and report.md
 # Steps that need no DALI (STEPS="ceiling round tests_nodali ceiling_compile"):
 #   ceiling     bench/train_step.py --full --synthetic-only: the compute ceiling of every preset
 #   round       bench/mine.py --size full --engines triton: the Triton kNN and the online round's parts
@@ -33,7 +39,7 @@
 #   WORK=DIR       scratch folder                       default /tmp/clim-gpucheck (-small)
 #   BUDGET_S=N     no step starts after N s; limits are clamped to it   default 480
 #   COMMIT=SHA     recorded in the JSON (the device copy of the checkout has no .git)
-#   PER_CLASS=N    JPEGs per class (10 classes)                        default 400 (SMALL: 12)
+#   PER_CLASS=N    JPEGs per class (10 classes)                        default 1540 (SMALL: 12)
 #
 # faiss: the GPU machine has none and faiss-gpu cannot travel (CUDA 12 libraries). Nothing on the
 # torch-engine path imports it (mining.py and bench/mine.py import faiss lazily; `faiss_gpus()`
@@ -63,30 +69,43 @@ if [ "$SMALL" = 1 ]; then
     # 3 s beside two other busy processes); passive waiting and one thread avoid that
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
     WORK=${WORK:-/tmp/clim-gpucheck-small}
-    PER_CLASS=${PER_CLASS:-12}; SIDE="96 160"; MAXCOUNT=40
-    LOADER_ARGS=(--epochs 1); TRAIN_STEP_ARGS=(--steps 2); MINE_ARGS=(--size small --n 5000)
-    GPUS=(--gpus 0)
+    PER_CLASS=${PER_CLASS:-12}; SIDE="96 160"; MAXCOUNT=40; PHOTO_ARGS=()
+    LOADER_ARGS=(--epochs 1 --images 120 --boundary-epochs 3); TRAIN_STEP_ARGS=(--steps 2)
+    MINE_ARGS=(--size small --n 5000 --engines naive,triton)
+    GPUS=(--gpus 0); GPUS2=(--gpus 0 --cpu-procs 2); DEMO_BUDGET=tiny
     # 120 samples / 12 = 10 steps an epoch; the GPU run's schedule minus its last epoch (a CLIM
     # step takes seconds on a shared 2-core CPU): mining at epochs 1 and 3, SIGTERM in epoch 2
     TRAIN_SET="arch=resnet18 image_size=32 batch_size=12 queue_size=120 workers=1 dali_threads=1
                epochs=4 clim_start_epoch=1 mine_every=2 clusters=8 knn_k=10 mine_engine=torch
                log_every=2 checkpoint_every=2"
-    BOX_TESTS=150; BOX_DATA=120; BOX_TRAIN1=${BOX_TRAIN1:-120}; BOX_TRAIN2=${BOX_TRAIN2:-120}; BOX_TS=120; BOX_MINE=120; BOX_LOADER=120
+    TRAIN2_SET="arch=resnet18 image_size=32 batch_size=24 queue_size=240 workers=1 dali_threads=1 epochs=2
+                mine_every=1 clusters=8 knn_k=10 log_every=2"
+    BOX_TESTS=150; BOX_DATA=120; BOX_TRAIN1=${BOX_TRAIN1:-120}; BOX_TRAIN2=${BOX_TRAIN2:-120}; BOX_TS=120; BOX_MINE=120; BOX_LOADER=150
+    BOX_TRAIN_2RANK=240; BOX_DEMO=300
 else
     WORK=${WORK:-/tmp/clim-gpucheck}
-    PER_CLASS=${PER_CLASS:-400}; SIDE="400 500"; MAXCOUNT=1000
-    LOADER_ARGS=(--full --workers 14); TRAIN_STEP_ARGS=(--full); MINE_ARGS=(--size full)
-    GPUS=(--gpus 1)
-    # 4000 samples / 256 = 15 steps an epoch; mining at epochs 1 and 3 (clusters: 4000 / 64 ~ 62
-    # per cluster), SIGTERM at the first logged step of epoch 2, the resume runs epochs 2 to 4
-    TRAIN_SET="arch=resnet50 image_size=224 batch_size=256 queue_size=4096 workers=10 dali_threads=4
+    # 15,400 ImageNet-like JPEGs (~110 KB, 350-500 px): 60 steps an epoch at batch 256
+    PER_CLASS=${PER_CLASS:-1540}; SIDE="350 500"; MAXCOUNT=1000; PHOTO_ARGS=(--imagenet-like)
+    LOADER_ARGS=(--full --workers 14 --images 1024); TRAIN_STEP_ARGS=(--full)
+    MINE_ARGS=(--size full --engines naive,triton)
+    GPUS=(--gpus 1); GPUS2=(--gpus 2 --share-gpu); DEMO_BUDGET=gpu
+    # mining at epochs 1 and 3 (clusters: 15,400 / 64 ~ 240 per cluster), SIGTERM at the first
+    # logged step of epoch 2, the resume runs epochs 2 to 4
+    TRAIN_SET="arch=resnet50 image_size=224 batch_size=256 queue_size=4096 workers=12 dali_threads=4
                epochs=5 clim_start_epoch=1 mine_every=2 clusters=64 knn_k=40 mine_engine=torch
-               log_every=2 checkpoint_every=2"
-    BOX_TESTS=150; BOX_DATA=120; BOX_TRAIN1=${BOX_TRAIN1:-130}; BOX_TRAIN2=${BOX_TRAIN2:-100}; BOX_TS=150; BOX_MINE=120; BOX_LOADER=120
+               log_every=5 checkpoint_every=2"
+    # two ranks on the one GPU over gloo: shuffle BN, the feature exchange and the sharded round on
+    # GPU tensors (NCCL refuses two ranks on one device)
+    TRAIN2_SET="arch=resnet18 image_size=64 batch_size=256 queue_size=4096 workers=4 dali_threads=2 epochs=2
+                mine_every=1 clusters=64 knn_k=20 log_every=10"
+    BOX_TESTS=150; BOX_DATA=120; BOX_TRAIN1=${BOX_TRAIN1:-150}; BOX_TRAIN2=${BOX_TRAIN2:-130}; BOX_TS=150; BOX_MINE=90; BOX_LOADER=120
+    BOX_TRAIN_2RANK=150; BOX_DEMO=240
 fi
 CLASSES=10
 BUDGET_S=${BUDGET_S:-480}
-DEFAULT_STEPS="meta tests data train train_step mine loader"
+# The issue-11 figures first (about 8 minutes on an H200); train2 and demo follow when the budget
+# allows, or in a second call on the same warm machine: STEPS="train2 demo" (WORK is kept).
+DEFAULT_STEPS="meta tests data train_step train mine loader train2 demo"
 STEPS=${STEPS:-$DEFAULT_STEPS}
 OUT=${OUT:-$PWD/gpu-check-out}
 RUN="$WORK/run"
@@ -103,7 +122,7 @@ body_data() {
     echo "-- $CLASSES classes x $PER_CLASS JPEGs, long side $SIDE px, $NPROC processes"
     # shellcheck disable=SC2086
     "$PY" "$HELPER" photos "$WORK/photos" --classes "$CLASSES" --per-class "$PER_CLASS" --side $SIDE \
-        --procs "$NPROC" --json "$WORK/photos.json" || return 1
+        --procs "$NPROC" ${PHOTO_ARGS[@]+"${PHOTO_ARGS[@]}"} --json "$WORK/photos.json" || return 1
     echo "-- $PY -m cli shard $WORK/photos $WORK/shards --maxcount $MAXCOUNT --workers $NPROC --verify"
     local t0; t0=$(now)
     "$PY" -m cli shard "$WORK/photos" "$WORK/shards" --maxcount "$MAXCOUNT" --workers "$NPROC" --verify || return 1
@@ -178,6 +197,17 @@ if [ "${1:-}" = "__step" ]; then
             exec "$PY" bench/mine.py "${MINE_ARGS[@]}" ${faiss[@]+"${faiss[@]}"} --json "$WORK/mine.json" ;;
         loader) exec "$PY" bench/loader.py "${LOADER_ARGS[@]}" --data "$WORK" --json "$WORK/loader.json" ;;
         # steps that need no DALI (a machine reached without the carry, or with little time)
+        train2)
+            [ -f "$WORK/shards/manifest.json" ] || { echo "no shards in $WORK/shards (run the data step)"; exit 1; }
+            rm -rf "$WORK/run2"
+            sets=(); for kv in $TRAIN2_SET; do sets+=(--set "$kv"); done
+            "$PY" -m cli train --shards "$WORK/shards" --out "$WORK/run2" --preset clim "${GPUS2[@]}" "${sets[@]}"
+            rc=$?; cp "$WORK/run2/log.jsonl" "$OUT/train2_log.jsonl" 2>/dev/null; exit $rc ;;
+        demo)
+            rm -rf "$WORK/demo"
+            "$PY" -m cli demo --budget "$DEMO_BUDGET" --out "$WORK/demo"
+            rc=$?; cp "$WORK/demo/summary.json" "$OUT/demo_summary.json" 2>/dev/null
+            cp "$WORK/demo/report.md" "$OUT/demo_report.md" 2>/dev/null; exit $rc ;;
         ceiling) exec "$PY" bench/train_step.py ${TRAIN_STEP_ARGS[@]+"${TRAIN_STEP_ARGS[@]}"} --synthetic-only \
                     --variants no_cudnn_benchmark --json "$OUT/ceiling.json" ;;
         ceiling_compile) exec "$PY" bench/train_step.py ${TRAIN_STEP_ARGS[@]+"${TRAIN_STEP_ARGS[@]}"} \
@@ -219,7 +249,8 @@ box_of() {
         meta) echo 90 ;; tests) echo "$BOX_TESTS" ;; data) echo "$BOX_DATA" ;;
         train) echo $((BOX_TRAIN1 + BOX_TRAIN2 + 70)) ;; train_step) echo "$BOX_TS" ;;
         mine) echo "$BOX_MINE" ;; loader) echo "$BOX_LOADER" ;; ceiling) echo 120 ;; round) echo 90 ;;
-        tests_nodali) echo 120 ;; ceiling_compile) echo 240 ;; *) echo 60 ;;
+        tests_nodali) echo 120 ;; ceiling_compile) echo 240 ;; train2) echo "$BOX_TRAIN_2RANK" ;;
+        demo) echo "$BOX_DEMO" ;; *) echo 60 ;;
     esac
 }
 
