@@ -18,7 +18,7 @@ from nvidia.dali import pipeline_def
 
 from dali_pipelines.epochs import PAD_ID, eval_share
 from dali_pipelines.external import IdListSource, ShardReader
-from dali_pipelines.loader import BatchStream, Settings, as_dataset
+from dali_pipelines.loader import BatchStream, ClosedOnExit, Settings, as_dataset
 from dali_pipelines.ops import center_view, decode
 from shards.errors import UserError
 
@@ -30,7 +30,7 @@ def center_graph(source, image_size, gpu, dali_dtype, parallel):
     return center_view(decode(jpeg, gpu), roi, image_size, dali_dtype), meta.gpu() if gpu else meta
 
 
-class FeatureLoader:
+class FeatureLoader(ClosedOnExit):
     """Every sample of the rank's share once per pass, resized and centre-cropped: `image`, `id`,
     `label`. Also the linear-evaluation val loader. `batch_size` is global; each rank reads
     ceil(batch_size / world_size) per step.
@@ -92,15 +92,3 @@ class FeatureLoader:
         if self._stream is not None:
             self._stream.close()
             self._stream = None
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()

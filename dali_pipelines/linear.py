@@ -8,12 +8,12 @@ import torch
 from dali_pipelines.augment import LINEAR_SCALE, ViewSpec
 from dali_pipelines.epochs import check_batch, steps_per_epoch
 from dali_pipelines.external import AugmentSource, ShardReader
-from dali_pipelines.loader import BatchStream, Settings, as_dataset
+from dali_pipelines.loader import BatchStream, ClosedOnExit, Settings, as_dataset
 from dali_pipelines.pretrain import augment_graph
 from shards.errors import UserError
 
 
-class LinearTrainLoader:
+class LinearTrainLoader(ClosedOnExit):
     """Yields `image`, `id`, `label` for one rank; `batch_size` is global. `set_epoch(e,
     start_step=0)` then iterate; the pipeline streams on from one epoch into the next."""
 
@@ -68,15 +68,3 @@ class LinearTrainLoader:
         if self._stream is not None:
             self._stream.close()
             self._stream = None
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()

@@ -219,3 +219,22 @@ def failure_message(dataset, ids, error: BaseException) -> str:
     first = next((line for line in lines if "rror" in line and not line.endswith(":")), lines[0] if lines else "")
     first = (first[:200] + "...") if len(first) > 200 else first
     return f"DALI failed ({first or type(error).__name__}) on a batch holding {describe_samples(dataset, ids)}"
+
+
+class ClosedOnExit:
+    """`with loader:` and garbage collection both end in `close()` (the loaders' one shared bit)."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -20,7 +20,8 @@ from nvidia.dali import pipeline_def
 from dali_pipelines.augment import MOCO_SCALE, ViewSpec, moco_views
 from dali_pipelines.epochs import check_batch, steps_per_epoch
 from dali_pipelines.external import AugmentSource, ShardReader, TableBook, epoch_pointer, publish_table
-from dali_pipelines.loader import BatchStream, Scratch, Settings, as_dataset
+from dali_pipelines.loader import BatchStream, ClosedOnExit, Scratch, Settings, as_dataset
+from dali_pipelines.names import anchor_view_names, positive_view_names
 from dali_pipelines.ops import augmented_view, decode
 from shards.errors import UserError
 
@@ -46,11 +47,7 @@ def augment_graph(source, anchor_views, positive_views, gpu, dali_dtype, paralle
     return tuple(result)
 
 
-def view_names(prefix: tuple[str, str], views: tuple[ViewSpec, ...]) -> list[str]:
-    return list(prefix) + [f"{prefix[0]}_r{v.size}" for v in views[2:]]
-
-
-class PretrainLoader:
+class PretrainLoader(ClosedOnExit):
     """MoCo v2 / CLIM batches for one rank. `batch_size` is the global batch.
 
     Yields dicts of NCHW tensors on `device`: `q`, `k`, `id`, `label`; with a neighbour table also
@@ -134,18 +131,6 @@ class PretrainLoader:
         self._drop_stream()
         self._scratch.remove()
 
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
     # -- tables ---------------------------------------------------------------------------------------
     def _check_table(self, table) -> None:
         if table is None:
@@ -225,9 +210,10 @@ class PretrainLoader:
         depth = 2 if not positive_views or self.steps - step >= 2 else 1
         pipe = augment_graph(source, anchor_views, positive_views, s.gpu, s.dali_dtype, s.parallel,
                              **s.pipeline_kwargs(self.local_batch, depth))
-        names = view_names(("q", "k"), anchor_views) + ["meta"]
+        sizes = [v.size for v in anchor_views[2:]]  # views 0 and 1 are q and k at image_size
+        names = anchor_view_names(sizes) + ["meta"]
         if positive_views:
-            names += view_names(("pos", "k_pos"), positive_views) + ["pos_id"]
+            names += positive_view_names(sizes) + ["pos_id"]
             self._publish(epoch)  # before the first feed
         return BatchStream(pipe, names, s, first_step=epoch * self.steps + step, depth=depth, source=source,
                            local_batch=self.local_batch, dataset=self.dataset, key=bool(positive_views))

@@ -83,6 +83,11 @@ def test_sigterm_saves_and_resume_matches_an_uninterrupted_run(tmp_path):
     assert (tmp_path / "full" / "config.json").is_file()
     epochs = read_log(tmp_path / "full", "epoch")
     assert [r["epoch"] for r in epochs] == [0, 1]
+    # the resumed epoch's record covers the whole epoch, not only the steps after the resume
+    resumed = read_log(cut, "epoch")
+    assert [r["epoch"] for r in resumed] == [0, 1] and resumed[1]["resumed_at_step"] == 3
+    assert resumed[1]["loss"] == pytest.approx(epochs[1]["loss"], rel=1e-6)
+    assert epochs[1]["first_batch_wait_s"] >= 0
     assert {"anchors_per_s", "data_wait", "lr", "gpu_mem_gb"} <= set(epochs[0])
 
 
