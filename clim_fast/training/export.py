@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from clim_fast.method.backbone import uses_cifar_stem
+from clim_fast.method.backbone import STANDARD_WIDTH, uses_cifar_stem
 from clim_fast.training.checkpoint import model_from_checkpoint
 from shards.atomic import atomic_write_bytes
 
@@ -21,8 +21,15 @@ def export_backbone(checkpoint: str | Path, out: str | Path) -> dict:
     buf = io.BytesIO()
     torch.save(state, buf)
     atomic_write_bytes(out, buf.getvalue())
-    summary = {"arch": cfg.arch, "keys": len(state), "epoch": int(ckpt["epoch"]), "out": str(out)}
+    summary = {"arch": cfg.arch, "width": cfg.width, "keys": len(state), "epoch": int(ckpt["epoch"]), "out": str(out)}
+    notes = []
     if uses_cifar_stem(cfg.image_size):
-        summary["note"] = (f"trained at {cfg.image_size} px with a CIFAR stem: conv1 is 3x3 stride 1 and there "
-                           "is no maxpool; build the torchvision model the same way before loading")
+        notes.append(f"trained at {cfg.image_size} px with a CIFAR stem: conv1 is 3x3 stride 1 and there is no "
+                     "maxpool; build the torchvision model the same way before loading")
+    if cfg.width != STANDARD_WIDTH:
+        notes.append(f"width {cfg.width}: the stages have {cfg.width} x 1/2/4/8 channels; build the model with "
+                     f"clim_fast.method.backbone.resnet('{cfg.arch}', width={cfg.width}) (torchvision's ResNet "
+                     f"class), not torchvision.models.{cfg.arch}()")
+    if notes:
+        summary["note"] = "; ".join(notes)
     return summary
