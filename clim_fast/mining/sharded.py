@@ -45,8 +45,10 @@ def gather_by_id(num_samples: int, ids: torch.Tensor, rows: torch.Tensor) -> tor
 
 
 @torch.no_grad()
-def _assign(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 65536):
+def _assign(x: torch.Tensor, centroids: torch.Tensor):
     """Most similar centroid of each row: (sims float32 [n], ids int64 [n]) in x's precision."""
+    budget = (1 << 30) if x.device.type == "cuda" else (64 << 20)  # one [rows, m] score block
+    chunk = max(256, budget // max(1, centroids.shape[0] * x.element_size()))
     sims = torch.empty(x.shape[0], device=x.device)
     ids = torch.empty(x.shape[0], device=x.device, dtype=torch.int64)
     c = centroids.to(x.dtype)
@@ -57,13 +59,18 @@ def _assign(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 65536):
     return sims, ids
 
 
+def initial_rows(num_samples: int, clusters: int, seed: int) -> np.ndarray:
+    """The ids of the m distinct samples that start K-means (every engine starts from them)."""
+    return np.sort(np.random.default_rng(seed).choice(num_samples, size=clusters, replace=False))
+
+
 @torch.no_grad()
 def kmeans(x: torch.Tensor, ids: torch.Tensor, num_samples: int, clusters: int, *, niter: int = 20,
            seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Spherical K-means over every rank's rows. Returns (centroids float32 [m, d] (the same on
     every rank), assignment int64 [n], centre_sim float32 [n]) for this rank's rows."""
     d = x.shape[1]
-    chosen = torch.from_numpy(np.sort(np.random.default_rng(seed).choice(num_samples, size=clusters, replace=False)))
+    chosen = torch.from_numpy(initial_rows(num_samples, clusters, seed))
     slot = torch.full((num_samples,), -1, dtype=torch.int64)
     slot[chosen] = torch.arange(clusters)
     mine = slot[ids.cpu()].to(x.device)
