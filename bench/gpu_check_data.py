@@ -259,7 +259,7 @@ def train_summary(run: Path, phases: dict) -> dict:
     iters = [r["iteration"] for r in steps]
     resumed_ok = bool(pre and after and after[0]["iteration"] > pre[0]["iteration"]
                       and all(b > a for a, b in zip(iters, iters[1:])))
-    keep = ("anchors_per_s", "data_wait", "step_time_s", "loss", "gpu_mem_gb")
+    keep = ("anchors_per_s", "data_wait", "step_time_s", "loss", "gpu_mem_gb", "first_batch_wait_s")
     summary = {
         "config": {k: config.get(k) for k in ("preset", "arch", "image_size", "batch_size", "epochs",
                                                "clim_start_epoch", "mine_every", "clusters", "knn_k",
@@ -268,7 +268,8 @@ def train_summary(run: Path, phases: dict) -> dict:
         "phases": phases,
         "epochs_logged": done,
         "all_epochs_done": want is not None and done == list(range(want)),
-        "mining_rounds": [{k: m.get(k) for k in ("epoch", "engine", "kmeans_s", "knn_s", "select_s", "num_samples",
+        "mining_rounds": [{k: m.get(k) for k in ("epoch", "engine", "feature_s", "kmeans_s", "knn_s", "select_s", "exchange_s",
+                                                  "save_s", "pickup_s", "round_s", "num_samples",
                                                   "clusters", "k", "mean_positives", "fallback_share",
                                                   "label_purity", "label_chance")} for m in mines],
         "preempted": [{k: p.get(k) for k in ("epoch", "step", "iteration", "signal")} for p in pre],

@@ -94,7 +94,8 @@ class OnlineMining:
             print(f"mined epoch {epoch}: {format_stats(stats)} -> {path}", file=sys.stderr, flush=True)
         dd.barrier()
         timings["save_s"] = time.perf_counter() - t1
-        record = dict(kind="mine", epoch=int(epoch), table=str(path), feature_s=feature_s, **timings, **stats)
+        record = dict(kind="mine", epoch=int(epoch), table=str(path), engine=table.meta["engine"], feature_s=feature_s,
+                      **timings, **stats)
         return table, path, record
 
     def close(self) -> None:
