@@ -42,8 +42,8 @@
 #   PER_CLASS=N    JPEGs per class (10 classes)                        default 1540 (SMALL: 12)
 #
 # faiss: the GPU machine has none and faiss-gpu cannot travel (CUDA 12 libraries). Nothing on the
-# torch-engine path imports it (mining.py and bench/mine.py import faiss lazily; `faiss_gpus()`
-# returns 0 without it), so every step here runs without it. The one GPU test that needs it,
+# torch-engine path imports it (clim_fast/mining and bench/mine.py import faiss lazily; `faiss_gpu_device()`
+# returns None without it), so every step here runs without it. The one GPU test that needs it,
 # tests/test_mining.py::test_gpu_torch_engine_matches_faiss (compares against knn_faiss / the
 # faiss engine), is deselected and listed in the JSON when `import faiss` fails. To run it too,
 # carry faiss-cpu (18.8 MB wheel) - see docs/gpu-check.md: the wheel rides along with

@@ -15,20 +15,11 @@ import torch
 from clim_fast.config import MINE_ENGINES
 from clim_fast.features import extract_features, momentum_features
 from clim_fast.mining.kmeans import kmeans_faiss, kmeans_torch
-from clim_fast.mining.knn import knn_faiss, knn_torch
+from clim_fast.mining.knn import faiss_gpu_device, knn_faiss, knn_torch
 from clim_fast.mining.select import check_sizes, select_positives, table_stats
 from dali_pipelines import FeatureLoader
 from shards.errors import UserError
 from shards.neighbours import NeighbourTable
-
-
-def faiss_gpus() -> int:
-    try:
-        import faiss
-
-        return faiss.get_num_gpus()
-    except (ImportError, AttributeError):
-        return 0
 
 
 def resolve_engine(engine: str, device: torch.device | None = None) -> tuple[str, torch.device]:
@@ -58,7 +49,8 @@ def mine_table(features, *, clusters: int, k: int, engine: str = "auto", seed: i
     timings = {}
     t0 = time.perf_counter()
     if engine == "faiss":
-        gpu = faiss_gpus() > 0
+        gpu = faiss_gpu_device(device)  # this process's GPU, or None: the CPU
+        gpu = False if gpu is None else gpu
         x = feats.cpu().numpy()
         centroids, assignment = kmeans_faiss(x, clusters, niter=niter, seed=seed, gpu=gpu)
         timings["kmeans_s"] = time.perf_counter() - t0
