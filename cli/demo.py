@@ -7,6 +7,9 @@ from typing import List, Optional
 
 import typer
 
+from clim_fast.config import parse_overrides
+from shards.errors import UserError
+
 
 def demo_command(
     out: Path = typer.Option(Path("demo-out"), "--out", help="Folder for data, shards, runs, report."),
@@ -30,9 +33,7 @@ def demo_command(
                                    "network, the floor the trained numbers should beat."),
 ) -> None:
     """Run the whole system on a real dataset shipped in a PyPI package: MoCo v2 vs CLIM, same budget."""
-    from clim_fast.config import parse_overrides
     from clim_fast.demo.run import run_demo
-    from shards.errors import UserError
 
     if device not in ("auto", "cpu", "cuda"):
         raise UserError(f"--device {device}: choose auto, cpu or cuda")

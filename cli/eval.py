@@ -14,6 +14,8 @@ from typing import Optional
 import typer
 
 from clim_fast.machine import resolve_device
+from shards.atomic import atomic_write_text
+from shards.errors import UserError, os_errors_as_user_errors
 
 eval_app = typer.Typer(help="Measure a checkpoint: kNN, linear probe, class similarity, t-SNE.",
                        no_args_is_help=True)
@@ -39,7 +41,6 @@ def _fs_errors(command):
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        from shards.errors import os_errors_as_user_errors
 
         with os_errors_as_user_errors():
             return command(*args, **kwargs)
@@ -65,7 +66,6 @@ def _out_folder(out: Optional[Path], checkpoint: Path) -> Path:
 
 
 def _finish(command: str, checkpoint: Path, out: Path, metrics: dict) -> None:
-    from shards.atomic import atomic_write_text
 
     metrics = dict(metrics, command=command, checkpoint=str(checkpoint))
     line = json.dumps(metrics, sort_keys=True)
@@ -74,7 +74,6 @@ def _finish(command: str, checkpoint: Path, out: Path, metrics: dict) -> None:
 
 
 def _feature_kw(image_size, batch_size, device, workers, threads, encoder) -> dict:
-    from shards.errors import UserError
 
     if encoder not in ("query", "key"):
         raise UserError(f"--encoder {encoder}: choose query or key")
@@ -93,7 +92,6 @@ def knn_command(checkpoint: Path = CHECKPOINT, shards: Path = SHARDS, val_shards
                 image_size: Optional[int] = IMAGE_SIZE, batch_size: int = BATCH_SIZE, device: str = DEVICE,
                 workers: int = WORKERS, threads: int = THREADS, encoder: str = ENCODER) -> None:
     """Weighted kNN (InstDisc/MoCo style) top-1/top-5 on frozen L2-normalised backbone features."""
-    from shards.errors import UserError
     from clim_fast.evaluation.measures import knn_eval
 
     if k <= 0 or temperature <= 0 or holdout_every < 2:
@@ -118,7 +116,6 @@ def linear_command(checkpoint: Path = CHECKPOINT, shards: Path = SHARDS, val_sha
                    image_size: Optional[int] = IMAGE_SIZE, batch_size: int = BATCH_SIZE, device: str = DEVICE,
                    workers: int = WORKERS, threads: int = THREADS) -> None:
     """MoCo linear protocol: frozen backbone (BN in eval mode), linear classifier, SGD lr 30."""
-    from shards.errors import UserError
     from clim_fast.evaluation.linear import linear_eval_checkpoint
 
     if val_shards is None:
@@ -166,7 +163,6 @@ def tsne_command(checkpoint: Path = CHECKPOINT, shards: Path = SHARDS, val_shard
                  workers: int = WORKERS, threads: int = THREADS, encoder: str = ENCODER) -> None:
     """A PNG of a t-SNE embedding of random classes, coloured by class (CLIM Figure 1), on
     --val-shards when given, else on --shards."""
-    from shards.errors import UserError
     from clim_fast.evaluation.measures import tsne_eval
 
     if classes < 1 or per_class < 1:

@@ -10,7 +10,9 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from shards import verify_shards, write_shards
 from shards.format import DEFAULT_MAXCOUNT
+from shards.errors import os_errors_as_user_errors
 
 _SHOWN = 10  # skipped files listed in the summary; the manifest lists them all
 
@@ -78,8 +80,6 @@ def register(app: typer.Typer) -> None:
         verify: bool = typer.Option(False, "--verify", help="Re-check counts and checksums afterwards."),
     ) -> None:
         """Pack an image folder into WebDataset shards with DALI index files and a manifest."""
-        from shards import verify_shards, write_shards
-        from shards.errors import os_errors_as_user_errors
 
         console = Console()
         summary = write_shards(src, out, maxcount=maxcount, workers=workers, seed=seed, labels=labels,
@@ -95,8 +95,6 @@ def register(app: typer.Typer) -> None:
     @app.command("verify")
     def verify_command(out: Path = typer.Argument(..., help="A shard folder made by `clim-fast shard`.")) -> None:
         """Re-check a shard folder: counts, checksums, tar members and DALI index files."""
-        from shards import verify_shards
-        from shards.errors import os_errors_as_user_errors
 
         with os_errors_as_user_errors(out):
             report = verify_shards(out, progress=True)

@@ -12,10 +12,11 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-from clim_fast.method.backbone import ARCHS
 from shards.atomic import atomic_write_text
 from shards.errors import UserError
 
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "wide_resnet101_2",
+         "resnext50_32x4d", "resnext101_32x8d")  # built by clim_fast/method/backbone.py
 MIX_METHODS = ("none", "cutmix", "mixup")
 MINE_FEATURES = ("head", "backbone")
 MINE_ENGINES = ("auto", "faiss", "torch")

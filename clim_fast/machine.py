@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 import platform
 
-import torch
-
 from shards.errors import UserError
 
 
@@ -22,12 +20,16 @@ def cpu_name() -> str:
 
 
 def machine_info() -> dict:
+    import torch  # here, not at the top: `clim-fast --help` and option errors answer without loading torch
+
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"cpu": cpu_name(), "cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__}
 
 
 def resolve_device(name: str):
     """`--device auto|cpu|cuda` as a torch.device; UserError for anything else or a missing GPU."""
+    import torch  # see machine_info
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name not in ("cpu", "cuda"):

@@ -15,6 +15,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from clim_fast.training.metrics import read_log
+
 
 def fmt_seconds(s: float | None) -> str:
     if s is None or s != s or s < 0:
@@ -111,7 +113,6 @@ class DemoProgress:
     def watch_training(self, ph: Phase, run_dir: str | Path, steps_per_epoch: int, epochs: int,
                        poll_s: float = 0.5):
         """Advance `ph` (total = steps) from RUN/log.jsonl while the body trains."""
-        from clim_fast.training.metrics import read_log
 
         stop = threading.Event()
 

@@ -22,9 +22,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shards.errors import UserError
-from shards.atomic import atomic_write_text
+from clim_fast.config import make_config
+from clim_fast.demo.digits import default_source, write_demo_folders
+from clim_fast.demo.progress import DemoProgress
+from clim_fast.demo.report import plot_bars, plot_training, write_report
+from clim_fast.evaluation.measures import (checkpoint_features, class_similarity, extract_backbone_features,
+                                           knn_classify, tsne_plot)
 from clim_fast.machine import cpu_name
+from clim_fast.method.moco import MoCo
+from clim_fast.training.loop import run_training
+from clim_fast.training.metrics import read_log
+from shards import ShardDataset, write_shards
+from shards.atomic import atomic_write_text
+from shards.errors import UserError
 
 PRESETS = ("moco_v2", "clim")
 
@@ -78,7 +88,6 @@ def pick_budget(name: str, device: torch.device) -> tuple[str, Budget]:
 
 def train_config(preset: str, budget: Budget, seed: int, overrides: dict | None = None):
     """The Config one demo run trains with: preset, then the budget's overrides, then the user's."""
-    from clim_fast.config import make_config
 
     values = dict(budget.config)
     values.update(overrides or {})
@@ -159,9 +168,6 @@ def run_demo(out: str | Path = "demo-out", *, budget: str = "auto", data: str | 
              reference: bool = True, progress=None, log=None) -> Path:
     """Run the demo into `out`; returns the path of report.md. `overrides`: Config fields for both
     presets on top of the budget's. `progress`: a DemoProgress (default: live in a terminal)."""
-    from clim_fast.demo.digits import default_source, write_demo_folders
-    from clim_fast.demo.progress import DemoProgress
-    from shards import ShardDataset, write_shards
 
     started = time.time()
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
@@ -240,7 +246,6 @@ class _Context:
                                threads=budget.config.get("dali_threads", 2))
 
     def measure(self, train_f, train_y, val_f, val_y) -> dict:
-        from clim_fast.evaluation.measures import class_similarity, knn_classify
 
         knn = knn_classify(train_f, train_y, val_f, val_y, k=self.budget.eval_k, t=self.knn_t,
                            num_classes=self.train_set.num_classes)
@@ -253,8 +258,6 @@ class _Context:
 
     def untrained(self, seed: int) -> dict:
         """The same measurements on the untrained network that training seed `seed` starts from."""
-        from clim_fast.evaluation.measures import extract_backbone_features
-        from clim_fast.method.moco import MoCo
 
         cfg = train_config("moco_v2", self.budget, seed, self.overrides)
         with self.progress.phase(f"untrained {cfg.arch} (seed {seed})", total=2) as ph:
@@ -270,9 +273,6 @@ class _Context:
         return result
 
     def train_and_eval(self, preset: str, seed: int, tsne: bool) -> dict:
-        from clim_fast.evaluation.measures import checkpoint_features, tsne_plot
-        from clim_fast.training.loop import run_training
-        from clim_fast.training.metrics import read_log
 
         cfg = train_config(preset, self.budget, seed, self.overrides)
         run_dir = self.out / "runs" / preset / f"seed-{seed}"
@@ -340,7 +340,6 @@ def _summarise(runs, floor, budget, overrides, budget_name, dev, data, knn_t, va
 
 
 def _write_outputs(out: Path, summary: dict, runs: dict) -> Path:
-    from clim_fast.demo.report import plot_bars, plot_training, write_report
 
     plot_training(runs, out / "loss.png")
     values = {p: (summary["runs"][p]["knn_top1"]["mean"], summary["runs"][p]["knn_top1"]["std"]) for p in PRESETS}

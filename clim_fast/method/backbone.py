@@ -12,6 +12,7 @@ import torch.nn as nn
 import torchvision
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
+from clim_fast.config import ARCHS
 from shards.errors import UserError
 
 # arch -> (block, blocks per stage, groups, width_per_group), as in torchvision.models.resnet
@@ -26,7 +27,7 @@ SPECS = {
     "resnext50_32x4d": (Bottleneck, (3, 4, 6, 3), 32, 4),
     "resnext101_32x8d": (Bottleneck, (3, 4, 23, 3), 32, 8),
 }
-ARCHS = tuple(SPECS)
+assert tuple(SPECS) == ARCHS, "config.ARCHS names the architectures SPECS builds"
 STANDARD_WIDTH = 64
 SMALL_IMAGE = 96  # below this the ImageNet stem would shrink a 32 px input to 8 px before layer1
 
