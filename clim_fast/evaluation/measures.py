@@ -229,9 +229,8 @@ def checkpoint_features(checkpoint: str | Path, shards_dir: str | Path, cache_di
             log(f"features: cached {path}")
             return cached
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    feats, labels = extract_backbone_features(model, shards_dir, image_size=image_size, batch_size=batch_size,
-                                              device=device, workers=workers, threads=threads, encoder=encoder,
-                                              num_samples=dataset.num_samples)
+    feats, labels = extract_backbone_features(model, dataset, image_size=image_size, batch_size=batch_size,
+                                              device=device, workers=workers, threads=threads, encoder=encoder)
     feats = feats.half().float()
     labels = np.asarray(labels, dtype=np.int64)
     if path is not None:
@@ -250,10 +249,10 @@ def eval_backbone(model, encoder: str = "query") -> torch.nn.Module:
 
 
 @torch.no_grad()
-def extract_backbone_features(model, shards_dir, *, image_size: int, batch_size: int, device,
-                              workers: int = 2, threads: int = 2, encoder: str = "query",
-                              num_samples: int | None = None) -> tuple[torch.Tensor, np.ndarray]:
-
+def extract_backbone_features(model, shards, *, image_size: int, batch_size: int, device,
+                              workers: int = 2, threads: int = 2, encoder: str = "query") -> tuple[torch.Tensor, np.ndarray]:
+    """Pooled backbone features of every sample of `shards` (a ShardDataset or its folder), in id order."""
+    dataset = shards if isinstance(shards, ShardDataset) else ShardDataset(shards)
     backbone = eval_backbone(model, encoder).to(device)
     was_training = backbone.training
     backbone.eval()
@@ -261,14 +260,10 @@ def extract_backbone_features(model, shards_dir, *, image_size: int, batch_size:
     def encode(x):
         return F.normalize(backbone(x).float(), dim=1)
 
-    loader = FeatureLoader(shards_dir, batch_size=batch_size, image_size=image_size, device=device,
+    loader = FeatureLoader(dataset, batch_size=batch_size, image_size=image_size, device=device,
                            workers=workers, threads=threads)
     try:
-        if num_samples is None:
-            from shards import ShardDataset
-
-            num_samples = ShardDataset(shards_dir).num_samples
-        feats, labels = extract_features(encode, loader, num_samples)
+        feats, labels = extract_features(encode, loader, dataset.num_samples)
     finally:
         loader.close()
         backbone.train(was_training)
