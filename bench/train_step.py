@@ -29,18 +29,7 @@ from clim_fast.config import make_config  # noqa: E402
 from clim_fast.machine import machine_info  # noqa: E402
 from clim_fast.method.clim import CLIM  # noqa: E402
 from dali_pipelines.names import anchor_view_names, positive_view_names  # noqa: E402
-from shards.neighbours import NeighbourTable  # noqa: E402
-
-
-def same_label_table(labels: np.ndarray, dataset_id: str, k: int = 8, seed: int = 0) -> NeighbourTable:
-    """Positives: k random samples of the anchor's class (what a good mining round approaches)."""
-    rng = np.random.default_rng(seed)
-    positives = np.empty((len(labels), k), np.int32)
-    for c in np.unique(labels):
-        members = np.flatnonzero(labels == c)
-        positives[members] = rng.choice(members, size=(len(members), k))
-    return NeighbourTable(positives, np.full(len(labels), k, np.int32), labels.astype(np.int32),
-                          {"dataset_id": dataset_id, "k": k})
+from doubles import label_table  # noqa: E402
 
 
 def synthetic_batch(cfg, device) -> dict:
@@ -156,7 +145,7 @@ def main() -> None:
 
             shards_dir = Path(args.shards) if args.shards else generated_shards(Path(tmp), max(8, batch // 2))
             data = ShardData(shards_dir)
-            table = same_label_table(data.dataset.labels, data.dataset_id)
+            table = label_table(np.asarray(data.dataset.labels), k=8, dataset_id=data.dataset_id)
         for preset in args.presets.split(","):
             cfg = make_config(preset, dict(arch=arch, image_size=size, batch_size=batch, queue_size=batch * 16,
                                            workers=workers, dali_threads=threads))

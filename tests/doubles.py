@@ -2,7 +2,8 @@
 
 Images are a per-class random pattern plus per-view noise, so contrastive training on them has
 something to learn; everything is a pure function of (seed, epoch, rank, batch index), which makes
-resumed runs reproducible. Used by tests and by bench/train_step.py as the "synthetic" baseline.
+resumed runs reproducible. `label_table` (same-label positives) also stands in for a mined table
+in bench/train_step.py.
 """
 
 from __future__ import annotations
