@@ -18,7 +18,6 @@ closed the stream.
 
 from __future__ import annotations
 
-import mmap
 import os
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 
 from dali_pipelines.augment import RngBank, ViewSpec, center_crop_roi, draw_views
 from dali_pipelines.epochs import PAD_ID, epoch_share
+from shards.dataset import TarMaps
 
 ANCHOR_STREAM, POSITIVE_STREAM = 0, 1
 POLL_S = 0.005
@@ -38,36 +38,27 @@ class ShardReader:
 
     def __init__(self, dataset):
         self.samples_path = str(Path(dataset.root) / "samples.npy")
-        self.tar_paths = [str(p) for p in dataset.tar_paths]
+        self._maps = TarMaps(dataset.tar_paths)
         self._index = None
-        self._maps = None
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_index"] = state["_maps"] = None
+        state["_index"] = None
+        state.pop("_cols", None)
         return state
 
     def _open(self):
         index = np.load(self.samples_path, mmap_mode="r", allow_pickle=False)
         # strided views of the mmap: no copy per worker
         self._cols = {name: index[name] for name in ("shard", "offset", "size", "label", "width", "height")}
-        self._maps = [None] * len(self.tar_paths)
         self._index = index
-
-    def _map(self, shard: int):
-        mapped = self._maps[shard]
-        if mapped is None:
-            with open(self.tar_paths[shard], "rb") as f:
-                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            self._maps[shard] = mapped
-        return mapped
 
     def jpeg(self, sid: int) -> np.ndarray:
         """A zero-copy uint8 view of the stored JPEG."""
         if self._index is None:
             self._open()
         c = self._cols
-        return np.frombuffer(self._map(int(c["shard"][sid])), dtype=np.uint8, count=int(c["size"][sid]),
+        return np.frombuffer(self._maps[int(c["shard"][sid])], dtype=np.uint8, count=int(c["size"][sid]),
                              offset=int(c["offset"][sid]))
 
     def label(self, sid: int) -> int:

@@ -181,22 +181,6 @@ class Scratch:
 
 # --- errors ---------------------------------------------------------------------------------------
 
-def describe_samples(dataset, ids) -> str:
-    """Which shard file(s) hold `ids`, and what to run: `ShardDataset.describe_samples`, or the same
-    line built here from the per-sample index and the manifest for a dataset without it."""
-    ids = sorted({int(i) for i in ids if int(i) >= 0})
-    if hasattr(dataset, "describe_samples"):
-        return dataset.describe_samples(ids)
-    names = [s["name"] for s in dataset.manifest["shards"]]
-    by_shard: dict[str, list[int]] = {}
-    for sid in ids:
-        by_shard.setdefault(names[int(dataset.index["shard"][sid])], []).append(sid)
-    parts = [", ".join(map(str, members[:5])) + (" and more" if len(members) > 5 else "") + f" (in {name})"
-             for name, members in sorted(by_shard.items())]
-    return (f"samples {'; '.join(parts)} of {dataset.root}: the stored data may be damaged; "
-            f"check the folder with `clim-fast verify {dataset.root}`")
-
-
 def undecodable(dataset, ids) -> list[int]:
     """The ids among `ids` whose JPEG does not decode (checked with PIL, on the error path only)."""
     bad = []
@@ -214,11 +198,11 @@ def failure_message(dataset, ids, error: BaseException) -> str:
     samples in flight that PIL cannot decode either, else all of them with DALI's own first line."""
     bad = undecodable(dataset, ids)
     if bad:
-        return f"could not decode {describe_samples(dataset, bad)}"
+        return f"could not decode {dataset.describe_samples(bad)}"
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     first = next((line for line in lines if "rror" in line and not line.endswith(":")), lines[0] if lines else "")
     first = (first[:200] + "...") if len(first) > 200 else first
-    return f"DALI failed ({first or type(error).__name__}) on a batch holding {describe_samples(dataset, ids)}"
+    return f"DALI failed ({first or type(error).__name__}) on a batch holding {dataset.describe_samples(ids)}"
 
 
 class ClosedOnExit:

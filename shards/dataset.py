@@ -12,6 +12,30 @@ from shards.format import SAMPLE_DTYPE, SAMPLES
 from shards.manifest import load_manifest
 
 
+class TarMaps:
+    """The shard tars, each mmapped read-only on first use; a pickled copy maps its own (DALI's
+    worker processes, spawned training ranks)."""
+
+    def __init__(self, paths):
+        self.paths = [str(p) for p in paths]
+        self._maps: list[mmap.mmap | None] = [None] * len(self.paths)
+
+    def __getstate__(self):
+        return {"paths": self.paths, "_maps": [None] * len(self.paths)}
+
+    def opened(self) -> int:
+        """How many tars this process has mapped so far."""
+        return sum(m is not None for m in self._maps)
+
+    def __getitem__(self, shard: int) -> mmap.mmap:
+        mapped = self._maps[shard]
+        if mapped is None:
+            with open(self.paths[shard], "rb") as f:
+                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self._maps[shard] = mapped
+        return mapped
+
+
 class ShardDataset:
     """A complete shard folder. Picklable: mmaps and the index are opened lazily in each process
     (an mmap made in a parent process is unusable in a spawned DALI worker)."""
@@ -35,7 +59,7 @@ class ShardDataset:
                 raise UserError(f"{path}: DALI index file missing")
         self._index = None
         self._labels = None
-        self._maps: list[mmap.mmap | None] = [None] * len(self.tar_paths)
+        self._maps = TarMaps(self.tar_paths)
         self._check_index(self.index)
 
     def _check_index(self, index: np.ndarray) -> None:
@@ -68,20 +92,12 @@ class ShardDataset:
     def __getitem__(self, sample_id: int) -> tuple[bytes, int]:
         return self.read(sample_id)
 
-    def _map(self, shard: int) -> mmap.mmap:
-        mapped = self._maps[shard]
-        if mapped is None:
-            with open(self.tar_paths[shard], "rb") as f:
-                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            self._maps[shard] = mapped
-        return mapped
-
     def jpeg(self, sample_id: int) -> np.ndarray:
         """The stored JPEG of `sample_id` as a zero-copy uint8 view into the tar's mmap."""
         if not 0 <= sample_id < self.num_samples:
             raise IndexError(f"sample id {sample_id} out of range 0..{self.num_samples - 1}")
         row = self.index[sample_id]
-        return np.frombuffer(self._map(int(row["shard"])), dtype=np.uint8,
+        return np.frombuffer(self._maps[int(row["shard"])], dtype=np.uint8,
                              count=int(row["size"]), offset=int(row["offset"]))
 
     def read(self, sample_id: int) -> tuple[bytes, int]:
@@ -116,7 +132,6 @@ class ShardDataset:
         state = self.__dict__.copy()
         state["_index"] = None
         state["_labels"] = None
-        state["_maps"] = [None] * len(self.tar_paths)
         return state
 
     def __repr__(self) -> str:

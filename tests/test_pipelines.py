@@ -390,18 +390,6 @@ def test_undecodable_sample_names_its_shard_in_one_line(shard_dir, tmp_path, dat
     loader.close()
 
 
-def test_failure_message_without_describe_samples(dataset):
-    """The loader's own fallback names the shard files from the index and the manifest."""
-    from types import SimpleNamespace
-
-    from dali_pipelines.loader import describe_samples
-
-    bare = SimpleNamespace(manifest=dataset.manifest, index=dataset.index, root=dataset.root)
-    line = describe_samples(bare, [40, 3, 3])
-    names = {dataset.manifest["shards"][int(dataset.index["shard"][i])]["name"] for i in (3, 40)}
-    assert all(name in line for name in names) and f"clim-fast verify {dataset.root}" in line
-
-
 def test_close_stops_worker_processes(dataset):
     before = set(p.pid for p in multiprocessing.active_children())
     loader = PretrainLoader(dataset, batch_size=BATCH, image_size=16, workers=2)
