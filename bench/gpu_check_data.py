@@ -269,7 +269,7 @@ def train_summary(run: Path, phases: dict) -> dict:
         "epochs_logged": done,
         "all_epochs_done": want is not None and done == list(range(want)),
         "mining_rounds": [{k: m.get(k) for k in ("epoch", "engine", "feature_s", "kmeans_s", "knn_s", "select_s", "exchange_s",
-                                                  "save_s", "pickup_s", "round_s", "num_samples",
+                                                  "pickup_s", "round_s", "num_samples",
                                                   "clusters", "k", "mean_positives", "fallback_share",
                                                   "label_purity", "label_chance")} for m in mines],
         "preempted": [{k: p.get(k) for k in ("epoch", "step", "iteration", "signal")} for p in pre],

@@ -112,5 +112,8 @@ class _LabelMining:
         dist.barrier()
         return table, path, {"kind": "mine", "epoch": epoch, "table": str(path)}
 
+    def flush(self) -> None:
+        pass
+
     def close(self) -> None:
         pass

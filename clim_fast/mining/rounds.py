@@ -4,14 +4,16 @@ Schedule: positives are used from `clim_start_epoch` on; a round runs at clim_st
 j * mine_every (with an `init_table`, that table stands in for j = 0).
 
 A round: each rank encodes its share of the samples with the momentum encoder (centre crops,
-eval-mode BN), then `sharded.mine_round` (K-means, kNN, selection, table exchange). Rank 0 saves
-RUN/tables/table-epoch-XXXX.npz atomically. The feature loader is built once and reused by every
-round of the run.
+eval-mode BN), then `sharded.mine_round` (K-means, kNN, selection, table exchange). Rank 0 writes
+RUN/tables/table-epoch-XXXX.npz atomically in a background thread while training goes on;
+`flush()` waits for it (the loop calls it before every checkpoint, which names the table). The
+feature loader is built once and reused by every round of the run.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -47,6 +49,8 @@ class OnlineMining:
         self.cfg, self.dataset, self.run_dir, self.device = cfg, dataset, Path(run_dir), device
         self.rank, self.world = dd.get_rank(), dd.get_world_size()
         self._loader = None
+        self._saving: threading.Thread | None = None
+        self._save_error: BaseException | None = None
 
     def loader(self) -> FeatureLoader:
         if self._loader is None:
@@ -86,19 +90,34 @@ class OnlineMining:
         stats = table_stats(table, fallback, clusters, all_labels, nearest)
         table.meta["stats"] = stats
         path = table_path(self.run_dir, epoch)
-        t1 = time.perf_counter()
         if self.rank == 0:
-            table.save(path)
+            self.flush()
+            self._saving = threading.Thread(target=self._save, args=(table, path), name="table-save")
+            self._saving.start()
             for w in warnings:
                 print(f"mining warning: {w}", file=sys.stderr, flush=True)
             print(f"mined epoch {epoch}: {format_stats(stats)} -> {path}", file=sys.stderr, flush=True)
-        dd.barrier()
-        timings["save_s"] = time.perf_counter() - t1
         record = dict(kind="mine", epoch=int(epoch), table=str(path), engine=table.meta["engine"], feature_s=feature_s,
                       **timings, **stats)
         return table, path, record
 
+    def _save(self, table, path: Path) -> None:
+        try:
+            table.save(path)
+        except BaseException as e:  # noqa: BLE001 - raised by flush() in the training thread
+            self._save_error = e
+
+    def flush(self) -> None:
+        """Wait until the last round's table is on disk (rank 0); raise if writing it failed."""
+        if self._saving is not None:
+            self._saving.join()
+            self._saving = None
+        if self._save_error is not None:
+            error, self._save_error = self._save_error, None
+            raise error
+
     def close(self) -> None:
+        self.flush()
         if self._loader is not None:
             self._loader.close()
             self._loader = None

@@ -196,6 +196,8 @@ def train_worker(local_rank: int, launch: Launch, cfg: Config, data, out: Path, 
                     loader.set_epoch(epoch, start_step=state.step)
                     stopped = train_one_epoch(step_fn, model, optimizer, loader, epoch, state, cfg, log, stop, bar,
                                               round_record)
+                    if mining is not None:
+                        mining.flush()  # the checkpoint names the table: it must be on disk first
                     if stopped:
                         last = save(out, model, optimizer, state, cfg, data, epoch_file=False)
                         log.write({"kind": "preempted", "epoch": state.epoch, "step": state.step,
