@@ -135,6 +135,20 @@ def all_gather_varlen(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def gather_by_id(num_samples: int, ids: torch.Tensor, *parts: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's rows of each part placed by sample id: [N, ...] per part, on every rank (for
+    per-sample data; rows of `ids` and of each part correspond). The ids travel once."""
+    all_ids = all_gather_varlen(ids.cpu())
+    placed = []
+    for rows in parts:
+        gathered = all_gather_varlen(rows.cpu())
+        out = torch.empty((num_samples, *gathered.shape[1:]), dtype=gathered.dtype)
+        out[all_ids] = gathered
+        placed.append(out)
+    return placed
+
+
+@torch.no_grad()
 def broadcast_tensor(t: torch.Tensor, src: int = 0) -> torch.Tensor:
     """Rank `src`'s tensor on every rank (same shape and dtype expected everywhere)."""
     if not is_distributed():

@@ -53,12 +53,8 @@ def extract_features(encode_fn, loader, num_samples: int) -> tuple[torch.Tensor,
     feats, ids, labels = encode_share(encode_fn, loader)
     feats = agree_width(feats)
     check_coverage(ids, num_samples)
-    all_ids = dd.all_gather_varlen(ids)
-    out_feats = torch.empty(num_samples, feats.shape[1])
-    out_feats[all_ids] = dd.all_gather_varlen(feats.cpu())
-    out_labels = np.empty(num_samples, dtype=np.int64)
-    out_labels[all_ids.numpy()] = dd.all_gather_varlen(labels).numpy()
-    return out_feats, out_labels
+    out_feats, out_labels = dd.gather_by_id(num_samples, ids, feats, labels)
+    return out_feats, out_labels.numpy()
 
 
 def momentum_features(model, kind: str, device: torch.device, precision: str = "auto"):

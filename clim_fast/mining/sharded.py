@@ -33,17 +33,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _place(num_samples: int, ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    out = torch.empty((num_samples, *rows.shape[1:]), dtype=rows.dtype, device=rows.device)
-    out[ids.to(rows.device)] = rows
-    return out
-
-
-def gather_by_id(num_samples: int, ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Every rank's rows placed by sample id: [N, ...] on every rank (for small per-sample data)."""
-    return _place(num_samples, dd.all_gather_varlen(ids), dd.all_gather_varlen(rows))
-
-
 @torch.no_grad()
 def _assign(x: torch.Tensor, centroids: torch.Tensor):
     """Most similar centroid of each row: (sims float32 [n], ids int64 [n]) in x's precision."""
@@ -167,16 +156,17 @@ def mine_round(x: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor | None, 
     timings["knn_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     ids_cpu = ids.cpu()
-    a_all = gather_by_id(num_samples, ids_cpu, assignment.cpu())
-    cs_all = gather_by_id(num_samples, ids_cpu, centre_sim.cpu())
+    a_all, cs_all = dd.gather_by_id(num_samples, ids_cpu, assignment, centre_sim)
     positives, counts, fallback = select_positives(neighbours, a_all.to(device), cs_all.to(device), ids.to(device))
     timings["select_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     table_rows = torch.cat([torch.from_numpy(counts)[:, None], torch.from_numpy(positives),
                             torch.from_numpy(fallback.astype(np.int32))[:, None],
                             neighbours[:, :1].int().cpu()], 1)
-    table = gather_by_id(num_samples, ids_cpu, table_rows).numpy()
-    all_labels = gather_by_id(num_samples, ids_cpu, labels.cpu()).numpy() if labels is not None else None
+    if labels is None:
+        table, all_labels = dd.gather_by_id(num_samples, ids_cpu, table_rows)[0].numpy(), None
+    else:
+        table, all_labels = (t.numpy() for t in dd.gather_by_id(num_samples, ids_cpu, table_rows, labels))
     timings["exchange_s"] = time.perf_counter() - t0
     result = NeighbourTable(np.ascontiguousarray(table[:, 1:1 + k]), np.ascontiguousarray(table[:, 0]),
                             a_all.numpy().astype(np.int32), {})
