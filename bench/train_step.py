@@ -51,17 +51,28 @@ def build(cfg, device):
     if device.type == "cuda" and cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     if cfg.compile:
-        model.encoder_q.compile()
-        model.encoder_k.compile()
+        model.compile_encoders()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, momentum=0.9,
                                 weight_decay=1e-4, fused=device.type == "cuda")
     return model, optimizer
 
 
+def step(model, optimizer, batch) -> None:
+    """The loop's step, as train_one_epoch runs it."""
+    loss, _ = model(batch)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    model.enqueue_keys()
+
+
 def measure(model, optimizer, batches, cfg, device, *, warmup: int, steps: int, seconds: float) -> dict:
-    """The loop's step (as train_one_epoch runs it) timed after `warmup`; wall time split into
-    waiting for the next batch and the rest."""
+    """`step` timed after `warmup`; wall time split into
+    waiting for the next batch and the rest. `warmup_s` (the untimed first steps) holds the
+    compile time of a compiled row. The step never synchronises, so the CPU may queue a step
+    ahead and a wait for data is an upper bound on the GPU's idle time; anchors/s is exact."""
     done, timed, wait, start, deadline = 0, 0, 0.0, None, None
+    began = time.perf_counter()
     it = iter(batches)
     while True:
         t0 = time.perf_counter()
@@ -74,11 +85,7 @@ def measure(model, optimizer, batches, cfg, device, *, warmup: int, steps: int, 
         elif done > warmup:
             wait += time.perf_counter() - t0
             timed += 1
-        loss, _ = model(batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        model.enqueue_keys()
+        step(model, optimizer, batch)
         done += 1
         if done > warmup and (timed + 1 >= steps or time.perf_counter() > deadline):
             break
@@ -87,7 +94,57 @@ def measure(model, optimizer, batches, cfg, device, *, warmup: int, steps: int, 
     timed += 1
     elapsed = time.perf_counter() - start
     return {"anchors_per_s": timed * cfg.batch_size / elapsed, "step_time_ms": 1000 * elapsed / timed,
-            "data_wait_share": wait / elapsed, "steps": timed}
+            "data_wait_share": wait / elapsed, "steps": timed, "warmup_s": start - began}
+
+
+KERNEL_FAMILIES = [  # (family, substrings of kernel names), first match wins
+    ("convolution", ("conv", "cudnn", "implicit_gemm", "sm90_xmma", "dgrad", "wgrad", "fprop", "nhwc")),
+    ("batch norm", ("batch_norm", "batchnorm", "bn_fw", "bn_bw")),
+    ("matmul", ("gemm", "cublas", "cutlass")),
+    ("elementwise (relu, add, copies, casts)", ("elementwise", "vectorized", "copy", "fill", "unrolled", "relu")),
+    ("reductions", ("reduce", "softmax", "norm", "sum")),
+    ("optimizer", ("sgd", "multi_tensor", "foreach")),
+]
+
+
+def profile_steps(model, optimizer, batches, cfg, device, *, warmup: int, steps: int = 3) -> dict:
+    """GPU time of `steps` steps after warm-up, by kernel family and the top kernels, plus the
+    share of the wall time the GPU was busy (torch.profiler, CUDA activity)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    measure(model, optimizer, batches, cfg, device, warmup=warmup, steps=1, seconds=1e9)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        measure(model, optimizer, batches, cfg, device, warmup=0, steps=steps, seconds=1e9)
+        wall = time.perf_counter() - t0
+    synchronises = None
+    if device.type == "cuda":  # one more step with any host-device synchronisation made an error
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            step(model, optimizer, next(iter(batches)))
+            synchronises = False
+        except RuntimeError as error:
+            synchronises = str(error).splitlines()[0][:300]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    total_us = sum(e.time_range.elapsed_us() for e in kernels)
+    families: dict[str, float] = {}
+    by_name: dict[str, float] = {}
+    for e in kernels:
+        name = e.name.lower()
+        family = next((f for f, keys in KERNEL_FAMILIES if any(k in name for k in keys)), "other")
+        us = e.time_range.elapsed_us()
+        families[family] = families.get(family, 0.0) + us
+        by_name[e.name[:120]] = by_name.get(e.name[:120], 0.0) + us
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:25]
+    return {"steps": steps, "step_synchronises": synchronises, "wall_ms_per_step": 1000 * wall / steps,
+            "gpu_busy_ms_per_step": total_us / 1000 / steps, "kernels_per_step": len(kernels) / steps,
+            "families_ms_per_step": {f: round(us / 1000 / steps, 2) for f, us in
+                                     sorted(families.items(), key=lambda kv: -kv[1])},
+            "top_kernels_ms_per_step": [[n, round(us / 1000 / steps, 3)] for n, us in top]}
 
 
 def repeat(batch):
@@ -120,8 +177,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="timed steps per row (at most)")
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--row-seconds", type=float, default=None, help="time box of a row's timed steps")
+    ap.add_argument("--arch", help="override the mode's architecture (e.g. resnet18 for the small-image rows)")
+    ap.add_argument("--image-size", type=int, help="override the mode's image size")
+    ap.add_argument("--batch", type=int, help="override the mode's batch size")
     ap.add_argument("--variants", default="", help="extra synthetic rows for clim_multires: "
-                    "no_cudnn_benchmark, compile (comma-separated)")
+                    "no_cudnn_benchmark, compile, profile (comma-separated; profile: where the GPU time "
+                    "of a step goes, by kernel family)")
     ap.add_argument("--synthetic-only", action="store_true", help="no real rows (no DALI needed)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
@@ -133,6 +194,7 @@ def main() -> None:
         torch.set_num_threads(2)
         arch, size, batch, workers, threads = "resnet18", 32, 16, 1, 1
         steps, warmup, box = args.steps or 3, args.warmup or 1, args.row_seconds or 20
+    arch, size, batch = args.arch or arch, args.image_size or size, args.batch or batch
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as train_worker sets it
     results = {"machine": machine_info(), "device": str(device), "arch": arch, "image_size": size,
@@ -178,9 +240,16 @@ def main() -> None:
             if device.type == "cuda":
                 torch.backends.cudnn.benchmark = variant != "no_cudnn_benchmark"
             model, optimizer = build(cfg, device)
-            row = {"preset": "clim_multires", "variant": variant,
-                   "synthetic": measure(model, optimizer, repeat(synthetic_batch(cfg, device)), cfg, device,
-                                        warmup=warmup, steps=steps, seconds=box)}
+            batches = repeat(synthetic_batch(cfg, device))
+            row = {"preset": "clim_multires", "variant": variant}
+            if variant == "profile":
+                try:
+                    row["profile"] = profile_steps(model, optimizer, batches, cfg, device, warmup=warmup)
+                except Exception as error:  # noqa: BLE001 - a profiler problem must not lose the other rows
+                    row["profile_error"] = repr(error)
+            else:
+                row["synthetic"] = measure(model, optimizer, batches, cfg, device, warmup=warmup, steps=steps,
+                                           seconds=box)
             results["runs"].append(row)
             print(json.dumps(row), flush=True)
             if args.json:

@@ -9,12 +9,19 @@ builds its graph and source and holds one stream; it keeps the stream as long as
 it wants is the stream's next batch, and builds a new one otherwise (a jump, a resume mid-epoch,
 positives appearing or disappearing, a table that differs from the one already published).
 
+The step never waits for the GPU, so the CPU may ask for the next batch while the GPU still reads
+the last ones; DALI may reuse a buffer as soon as its last reference goes. A stream therefore
+holds the DALI outputs of each batch it handed out until an event recorded on torch's stream
+when the following batch is asked for (by then the caller has queued its work on the batch) has
+passed.
+
 Teardown: DALI 2.4 has no public close for a pipeline; dropping the last reference runs its
 finaliser, which stops the worker processes (`BatchStream.close`).
 """
 
 from __future__ import annotations
 
+import collections
 import gc
 import io
 import shutil
@@ -111,6 +118,8 @@ class BatchStream:
         self.source, self.local_batch, self.dataset = source, local_batch, dataset
         self._fed = self._taken = 0
         self.broken = False
+        self._last = None  # the DALI outputs behind the batch handed out last
+        self._held = collections.deque()  # (event, outputs) the GPU may still be reading
         try:
             pipe.build()
         except Exception:
@@ -149,11 +158,28 @@ class BatchStream:
             self.close()
             raise UserError(message) from None
         self._taken += 1
+        self._hold(outputs)
         device = self.settings.device
         return {name: to_torch(out, device) for name, out in zip(self.names, outputs)}
 
+    def _hold(self, outputs) -> None:
+        """Keep DALI's buffers of the batches handed out until the GPU work queued on them has run."""
+        if not self.settings.gpu:
+            return
+        if self._last is not None:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.settings.device))
+            self._held.append((event, self._last))
+        while self._held and self._held[0][0].query():
+            self._held.popleft()
+        self._last = outputs
+
     def close(self) -> None:
         """Stop the pipeline and its worker processes (DALI's finaliser on the last reference)."""
+        if self.settings.gpu and (self._held or self._last is not None):
+            torch.cuda.current_stream(self.settings.device).synchronize()  # done with DALI's buffers
+        self._held.clear()
+        self._last = None
         if self.pipe is not None:
             ref = weakref.ref(self.pipe)
             self.pipe = None

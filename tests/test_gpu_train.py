@@ -60,8 +60,7 @@ def test_compiled_step_matches_eager():
     torch.manual_seed(0)
     eager = CLIM(cfg).cuda()
     compiled = copy.deepcopy(eager)
-    compiled.encoder_q.compile()
-    compiled.encoder_k.compile()
+    compiled.compile_encoders()
     g = torch.Generator(device="cuda").manual_seed(0)
     batch = {n: torch.randn(16, 3, 32, 32, device="cuda", generator=g) for n in ("q", "k", "pos", "k_pos")}
     results = []
@@ -77,3 +76,36 @@ def test_compiled_step_matches_eager():
     assert l1 == pytest.approx(l0, rel=1e-3)
     assert torch.allclose(q0, q1, atol=1e-3)
     assert max((a - b).abs().max().item() for a, b in zip(p0, p1)) < 1e-3
+
+
+def test_training_step_never_waits_for_the_gpu():
+    """A clim_multires step (mixing, shuffle BN, loss, backward, fused SGD, enqueue) issues no
+    host-device synchronisation, so the CPU queues the next step while the GPU runs this one."""
+    from clim_fast.config import make_config
+    from clim_fast.method.clim import CLIM
+    from dali_pipelines.names import anchor_view_names, positive_view_names
+
+    cfg = make_config("clim_multires", dict(arch="resnet18", image_size=32, queue_size=64, batch_size=16))
+    model = CLIM(cfg).cuda().to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9, fused=True)
+    sizes = {n: int(n.rsplit("_r", 1)[1]) if "_r" in n else 32
+             for n in anchor_view_names(cfg.multires_sizes) + positive_view_names(cfg.multires_sizes)}
+    batch = {n: torch.randn(16, 3, s, s, device="cuda") for n, s in sizes.items()}
+
+    def step():
+        loss, terms = model(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        model.enqueue_keys()
+        return terms
+
+    step()  # first step: allocations, cudnn autotuning
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            terms = step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(terms["loss"]).item()

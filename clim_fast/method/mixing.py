@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from clim_fast.method.transfer import to_device
 from shards.errors import UserError
 
 
@@ -59,7 +60,7 @@ def cutmix_boxes(lam: torch.Tensor, height: int, width: int, generator: torch.Ge
 
 def box_masks(boxes: torch.Tensor, height: int, width: int, device) -> torch.Tensor:
     """Boolean [n, 1, H, W]: True inside each sample's box."""
-    boxes = boxes.to(device)
+    boxes = to_device(boxes, device)
     ys = torch.arange(height, device=device).view(1, height, 1)
     xs = torch.arange(width, device=device).view(1, 1, width)
     y1, y2, x1, x2 = (boxes[:, i].view(-1, 1, 1) for i in range(4))
@@ -82,14 +83,14 @@ def cutmix(anchor: torch.Tensor, positive: torch.Tensor, alpha: float,
     # scalar as a multiplication by its reciprocal, one ulp off the CPU)
     area = (boxes[:, 1] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 2])
     share = (1.0 - area.double() / (h * w)).float()
-    return mixed, share.to(anchor.device)
+    return mixed, to_device(share, anchor.device)
 
 
 def mixup(anchor: torch.Tensor, positive: torch.Tensor, alpha: float,
           generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """lam * anchor + (1 - lam) * positive, lam ~ Beta(alpha, alpha) per sample."""
     _check_pair(anchor, positive)
-    lam = sample_beta(anchor.shape[0], alpha, generator).to(anchor.device)  # drawn on the CPU
+    lam = to_device(sample_beta(anchor.shape[0], alpha, generator), anchor.device)  # drawn on the CPU
     w = lam.to(anchor.dtype).view(-1, 1, 1, 1)
     return w * anchor + (1 - w) * positive, lam
 

@@ -28,8 +28,7 @@ from clim_fast import distributed as dist
 from clim_fast.config import MINE_FEATURES
 from clim_fast.method.backbone import build_backbone
 from clim_fast.method.losses import clim_loss
-
-
+from clim_fast.method.transfer import to_device
 
 
 class Encoder(nn.Module):
@@ -44,7 +43,10 @@ class Encoder(nn.Module):
 
     def forward(self, x):
         if isinstance(x, (list, tuple)):
-            return [self.head(self.backbone(t)) for t in x]
+            return [self.encode(t) for t in x]
+        return self.encode(x)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
 
 
@@ -68,6 +70,15 @@ class MoCo(nn.Module):
         # The shuffle-BN permutation stream is the same on every rank (seeded by cfg.seed only).
         self.shuffle_generator = torch.Generator().manual_seed(cfg.seed * 7919)
         self._keys_to_enqueue = None
+
+    def compile_encoders(self, backend: str = "inductor") -> None:
+        """torch.compile each encoder's per-view call (config `compile`). The views go through it
+        one by one, so the query encoder compiles twice, whatever the number of multi-resolution
+        views: once for image_size, once more with height and width dynamic at the second size
+        (torch's automatic dynamic shapes), which then serves every other size. Mining's feature
+        pass (`key_features`) stays eager."""
+        for encoder in (self.encoder_q, self.encoder_k):
+            encoder.encode = torch.compile(encoder.encode, backend=backend)
 
     # -- the step --------------------------------------------------------------------------------
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -114,11 +125,12 @@ class MoCo(nn.Module):
         """Enqueue this step's keys from every rank (rank order), overwriting the oldest."""
         keys = dist.all_gather_cat(keys)
         batch_size = keys.shape[0]
-        ptr = int(self.queue_ptr)
         if self.K % batch_size != 0:
             raise ValueError(f"queue_size {self.K} is not a multiple of the global batch {batch_size}")
-        self.queue[:, ptr:ptr + batch_size] = keys.T.to(self.queue.dtype)
-        self.queue_ptr[0] = (ptr + batch_size) % self.K
+        # the pointer stays on the device: reading it would make the CPU wait for the whole step
+        columns = self.queue_ptr + torch.arange(batch_size, device=self.queue_ptr.device)
+        self.queue.index_copy_(1, columns, keys.T.to(self.queue.dtype))
+        self.queue_ptr.add_(batch_size).remainder_(self.K)
 
     @torch.no_grad()
     def keys(self, im_k: torch.Tensor) -> torch.Tensor:
@@ -136,7 +148,7 @@ class MoCo(nn.Module):
             im_k = im_k.to(torch.get_autocast_dtype(im_k.device.type))
         x_all = dist.all_gather_cat(im_k)
         # every rank draws the same permutation from the same stream: no broadcast needed
-        perm = torch.randperm(x_all.shape[0], generator=self.shuffle_generator).to(im_k.device)
+        perm = to_device(torch.randperm(x_all.shape[0], generator=self.shuffle_generator), im_k.device)
         unperm = torch.argsort(perm)
         k = F.normalize(self.encoder_k(x_all[perm.view(world, -1)[rank]]).float(), dim=1)
         k_all = dist.all_gather_cat(k)
@@ -145,7 +157,7 @@ class MoCo(nn.Module):
     def _keys_shuffled_in_groups(self, im_k):
         n = im_k.shape[0]
         groups = math.gcd(n, self.shuffle_bn_groups)
-        perm = torch.randperm(n, generator=self.shuffle_generator).to(im_k.device)
+        perm = to_device(torch.randperm(n, generator=self.shuffle_generator), im_k.device)
         k = torch.cat([self.encoder_k(chunk) for chunk in im_k[perm].chunk(groups)])
         out = torch.empty_like(k)
         out[perm] = k
