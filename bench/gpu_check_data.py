@@ -305,7 +305,7 @@ def targets(results: dict, full: bool) -> dict:
     """Measured figures next to the targets in docs/benchmarks.md; `met` is None where the check could not say."""
     out = {}
     ts = results.get("train_step", {})
-    runs = {r.get("preset"): r for r in ts.get("runs", [])} if isinstance(ts, dict) else {}
+    runs = {r.get("preset"): r for r in ts.get("runs", []) if "variant" not in r} if isinstance(ts, dict) else {}
     for preset, row in runs.items():
         if "real" in row:
             out[f"real_over_synthetic_{preset}"] = _row(row.get("real_over_synthetic"),
