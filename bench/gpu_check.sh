@@ -114,7 +114,7 @@ BUDGET_S=${BUDGET_S:-480}
 # The issue-11 figures first (about 8 minutes on an H200: the GPU tests, the loader bench, train2
 # and the demo follow when the budget allows, or in a second call on the same warm machine:
 # STEPS="tests loader train2 demo"; WORK is kept).
-DEFAULT_STEPS="meta data train_step train compile train_step_small mine tests loader train2 demo"
+DEFAULT_STEPS="meta data train_step train train_step_small compile mine tests loader train2 demo"
 STEPS=${STEPS:-$DEFAULT_STEPS}
 OUT=${OUT:-$PWD/gpu-check-out}
 RUN="$WORK/run"

@@ -87,6 +87,8 @@ def measure(model, optimizer, batches, cfg, device, *, warmup: int, steps: int, 
             timed += 1
         step(model, optimizer, batch)
         done += 1
+        if cfg.compile and done <= warmup:  # a compile cut off by its time box still says how far it got
+            print(f"warm-up step {done} done after {time.perf_counter() - began:.1f} s", flush=True)
         if done > warmup and (timed + 1 >= steps or time.perf_counter() > deadline):
             break
     if device.type == "cuda":
