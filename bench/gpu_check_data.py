@@ -271,7 +271,7 @@ def train_summary(run: Path, phases: dict) -> dict:
         "phases": phases,
         "epochs_logged": done,
         "all_epochs_done": want is not None and done == list(range(want)),
-        "mining_rounds": [{k: m.get(k) for k in ("epoch", "engine", "feature_s", "kmeans_s", "knn_s", "select_s", "exchange_s",
+        "mining_rounds": [{k: m.get(k) for k in ("epoch", "engine", "feature_s", "feature_first_batch_s", "kmeans_s", "knn_s", "select_s", "exchange_s",
                                                   "pickup_s", "round_s", "num_samples",
                                                   "clusters", "k", "mean_positives", "fallback_share",
                                                   "label_purity", "label_chance")} for m in mines],
@@ -305,7 +305,8 @@ def targets(results: dict, full: bool) -> dict:
     """Measured figures next to the targets in docs/benchmarks.md; `met` is None where the check could not say."""
     out = {}
     ts = results.get("train_step", {})
-    runs = {r.get("preset"): r for r in ts.get("runs", []) if "variant" not in r} if isinstance(ts, dict) else {}
+    runs = {r.get("preset"): r for r in ts.get("runs", []) if "variant" not in r and "loader" not in r} \
+        if isinstance(ts, dict) else {}
     for preset, row in runs.items():
         if "real" in row:
             out[f"real_over_synthetic_{preset}"] = _row(row.get("real_over_synthetic"),
@@ -314,7 +315,7 @@ def targets(results: dict, full: bool) -> dict:
                                                         TARGETS["data_wait_share_max"], "<=", full)
     small = results.get("train_step_small", {})
     for row in small.get("runs", []) if isinstance(small, dict) else []:
-        if "real" in row:
+        if "real" in row and "loader" not in row:
             out[f"small_images_data_wait_share_{row['preset']}"] = _row(
                 row["real"].get("data_wait_share"), TARGETS["small_images_data_wait_share_max"], "<=", full)
     if "clim_multires" in runs and "real" in runs["clim_multires"]:

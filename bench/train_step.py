@@ -8,7 +8,7 @@ runs `--warmup` steps, then times steps until `--steps` or its time box (`--row-
 Per row: anchors/s, ms per step, data-wait share; per preset: real / synthetic.
 
     python bench/train_step.py                      # small: resnet18, 32 px, batch 16, CPU
-    python bench/train_step.py --full --shards DIR  # RN50, 224 px, batch 256, bf16, GPU
+    python bench/train_step.py --full --shards DIR  # RN50, 224 px, batch 256, fp16 (precision auto), GPU
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 from clim_fast.config import make_config  # noqa: E402
 from clim_fast.machine import machine_info  # noqa: E402
 from clim_fast.method.clim import CLIM  # noqa: E402
+from clim_fast.training.step import grad_scaler, train_step  # noqa: E402
 from dali_pipelines.names import anchor_view_names, positive_view_names  # noqa: E402
 from doubles import label_table  # noqa: E402
 
@@ -46,6 +47,7 @@ def synthetic_batch(cfg, device) -> dict:
 
 
 def build(cfg, device):
+    """The model and its optimizer as train_worker builds them; returns run_step(batch)."""
     torch.manual_seed(0)
     model = CLIM(cfg).to(device)
     if device.type == "cuda" and cfg.channels_last:
@@ -54,20 +56,12 @@ def build(cfg, device):
         model.compile_encoders()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, momentum=0.9,
                                 weight_decay=1e-4, fused=device.type == "cuda")
-    return model, optimizer
+    scaler = grad_scaler(model, device)
+    return lambda batch: train_step(model, model, optimizer, scaler, batch)
 
 
-def step(model, optimizer, batch) -> None:
-    """The loop's step, as train_one_epoch runs it."""
-    loss, _ = model(batch)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    model.enqueue_keys()
-
-
-def measure(model, optimizer, batches, cfg, device, *, warmup: int, steps: int, seconds: float) -> dict:
-    """`step` timed after `warmup`; wall time split into
+def measure(run_step, batches, cfg, device, *, warmup: int, steps: int, seconds: float) -> dict:
+    """`run_step` timed after `warmup`; wall time split into
     waiting for the next batch and the rest. `warmup_s` (the untimed first steps) holds the
     compile time of a compiled row. The step never synchronises, so the CPU may queue a step
     ahead and a wait for data is an upper bound on the GPU's idle time; anchors/s is exact."""
@@ -85,7 +79,7 @@ def measure(model, optimizer, batches, cfg, device, *, warmup: int, steps: int, 
         elif done > warmup:
             wait += time.perf_counter() - t0
             timed += 1
-        step(model, optimizer, batch)
+        run_step(batch)
         done += 1
         if cfg.compile and done <= warmup:  # a compile cut off by its time box still says how far it got
             print(f"warm-up step {done} done after {time.perf_counter() - began:.1f} s", flush=True)
@@ -109,23 +103,23 @@ KERNEL_FAMILIES = [  # (family, substrings of kernel names), first match wins
 ]
 
 
-def profile_steps(model, optimizer, batches, cfg, device, *, warmup: int, steps: int = 3) -> dict:
+def profile_steps(run_step, batches, cfg, device, *, warmup: int, steps: int = 3) -> dict:
     """GPU time of `steps` steps after warm-up, by kernel family and the top kernels, plus the
     share of the wall time the GPU was busy (torch.profiler, CUDA activity)."""
     from torch.profiler import ProfilerActivity, profile
 
-    measure(model, optimizer, batches, cfg, device, warmup=warmup, steps=1, seconds=1e9)
+    measure(run_step, batches, cfg, device, warmup=warmup, steps=1, seconds=1e9)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         t0 = time.perf_counter()
-        measure(model, optimizer, batches, cfg, device, warmup=0, steps=steps, seconds=1e9)
+        measure(run_step, batches, cfg, device, warmup=0, steps=steps, seconds=1e9)
         wall = time.perf_counter() - t0
     synchronises = None
     if device.type == "cuda":  # one more step with any host-device synchronisation made an error
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            step(model, optimizer, next(iter(batches)))
+            run_step(next(iter(batches)))
             synchronises = False
         except RuntimeError as error:
             synchronises = str(error).splitlines()[0][:300]
@@ -147,6 +141,17 @@ def profile_steps(model, optimizer, batches, cfg, device, *, warmup: int, steps:
             "families_ms_per_step": {f: round(us / 1000 / steps, 2) for f, us in
                                      sorted(families.items(), key=lambda kv: -kv[1])},
             "top_kernels_ms_per_step": [[n, round(us / 1000 / steps, 3)] for n, us in top]}
+
+
+def measure_real(run_step, data, table, cfg, device, **timing) -> dict:
+    """`measure` on the training loader's batches (a same-label neighbour table for positives)."""
+    loader = data.loader(cfg, 0, 1, device, None)
+    if cfg.uses_positives:
+        loader.set_table(table)
+    try:
+        return measure(run_step, real_batches(loader), cfg, device, **timing)
+    finally:
+        loader.close()
 
 
 def repeat(batch):
@@ -173,7 +178,7 @@ def generated_shards(tmp: Path, per_class: int) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--full", action="store_true", help="RN50 / 224 px / batch 256 / bf16 on the GPU")
+    ap.add_argument("--full", action="store_true", help="RN50 / 224 px / batch 256 / fp16 (precision auto) on the GPU")
     ap.add_argument("--shards", help="real shards to read (default: a small generated set)")
     ap.add_argument("--presets", default="moco_v2,clim,clim_multires")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per row (at most)")
@@ -183,8 +188,11 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, help="override the mode's image size")
     ap.add_argument("--batch", type=int, help="override the mode's batch size")
     ap.add_argument("--variants", default="", help="extra synthetic rows for clim_multires: "
-                    "no_cudnn_benchmark, compile, profile (comma-separated; profile: where the GPU time "
+                    "no_cudnn_benchmark, compile, bf16, profile (comma-separated; profile: where the GPU time "
                     "of a step goes, by kernel family)")
+    ap.add_argument("--loader-variants", default="", help="extra real rows with other loader settings, "
+                    "WORKERS:DALI_THREADS:HW_DECODER_LOAD,... (e.g. 4:12:0.65,4:12:0.9)")
+    ap.add_argument("--loader-presets", default="moco_v2", help="presets of the --loader-variants rows")
     ap.add_argument("--synthetic-only", action="store_true", help="no real rows (no DALI needed)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
@@ -213,8 +221,8 @@ def main() -> None:
         for preset in args.presets.split(","):
             cfg = make_config(preset, dict(arch=arch, image_size=size, batch_size=batch, queue_size=batch * 16,
                                            workers=workers, dali_threads=threads))
-            model, optimizer = build(cfg, device)
-            row = {"preset": preset, "synthetic": measure(model, optimizer, repeat(synthetic_batch(cfg, device)), cfg,
+            run_step = build(cfg, device)
+            row = {"preset": preset, "synthetic": measure(run_step, repeat(synthetic_batch(cfg, device)), cfg,
                                                           device, warmup=warmup, steps=steps, seconds=box)}
             print(json.dumps(row), flush=True)
             if data is None:
@@ -222,35 +230,45 @@ def main() -> None:
                 if args.json:
                     Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
                 continue
-            loader = data.loader(cfg, 0, 1, device, None)
-            if cfg.uses_positives:
-                loader.set_table(table)
-            try:
-                row["real"] = measure(model, optimizer, real_batches(loader), cfg, device, warmup=warmup,
-                                      steps=steps, seconds=box)
-            finally:
-                loader.close()
+            row["real"] = measure_real(run_step, data, table, cfg, device, warmup=warmup, steps=steps, seconds=box)
             row["real_over_synthetic"] = row["real"]["anchors_per_s"] / row["synthetic"]["anchors_per_s"]
             results["runs"].append(row)
             print(json.dumps(row), flush=True)
             if args.json:
                 Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        ceiling = {r["preset"]: r["synthetic"]["anchors_per_s"] for r in results["runs"]}
+        for setting in filter(None, args.loader_variants.split(",")) if data is not None else []:
+            w, t, h = setting.split(":")
+            for preset in args.loader_presets.split(","):
+                cfg = make_config(preset, dict(arch=arch, image_size=size, batch_size=batch, queue_size=batch * 16,
+                                               workers=int(w), dali_threads=int(t), hw_decoder_load=float(h)))
+                row = {"preset": preset, "loader": {"workers": int(w), "dali_threads": int(t),
+                                                    "hw_decoder_load": float(h)},
+                       "real": measure_real(build(cfg, device), data, table, cfg, device, warmup=warmup,
+                                            steps=steps, seconds=box)}
+                if preset in ceiling:
+                    row["real_over_synthetic"] = row["real"]["anchors_per_s"] / ceiling[preset]
+                results["runs"].append(row)
+                print(json.dumps(row), flush=True)
+                if args.json:
+                    Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
         for variant in filter(None, args.variants.split(",")):
             cfg = make_config("clim_multires", dict(arch=arch, image_size=size, batch_size=batch,
-                                                    queue_size=batch * 16, compile=variant == "compile"))
+                                                    queue_size=batch * 16, compile=variant == "compile",
+                                                    precision="bf16" if variant == "bf16" else "auto"))
             print(f"variant {variant}: building", flush=True)
             if device.type == "cuda":
                 torch.backends.cudnn.benchmark = variant != "no_cudnn_benchmark"
-            model, optimizer = build(cfg, device)
+            run_step = build(cfg, device)
             batches = repeat(synthetic_batch(cfg, device))
             row = {"preset": "clim_multires", "variant": variant}
             if variant == "profile":
                 try:
-                    row["profile"] = profile_steps(model, optimizer, batches, cfg, device, warmup=warmup)
+                    row["profile"] = profile_steps(run_step, batches, cfg, device, warmup=warmup)
                 except Exception as error:  # noqa: BLE001 - a profiler problem must not lose the other rows
                     row["profile_error"] = repr(error)
             else:
-                row["synthetic"] = measure(model, optimizer, batches, cfg, device, warmup=warmup, steps=steps,
+                row["synthetic"] = measure(run_step, batches, cfg, device, warmup=warmup, steps=steps,
                                            seconds=box)
             results["runs"].append(row)
             print(json.dumps(row), flush=True)

@@ -20,7 +20,7 @@ ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_res
 MIX_METHODS = ("none", "cutmix", "mixup")
 MINE_FEATURES = ("head", "backbone")
 MINE_ENGINES = ("auto", "faiss", "torch")
-PRECISIONS = ("auto", "bf16", "fp32")
+PRECISIONS = ("auto", "fp16", "bf16", "fp32")
 MULTIRES_AT_224 = (192, 160, 128, 96)
 
 
@@ -30,7 +30,8 @@ class Config:
     image_size: int = 224
     batch_size: int = 512  # global, across all ranks
     workers: int = 4  # DALI external-source worker processes per rank
-    dali_threads: int = 4
+    dali_threads: int = 4  # DALI's CPU threads (Huffman decoding of the JPEGs the hardware decoder leaves)
+    hw_decoder_load: float = 0.65  # share of JPEGs for the GPU's hardware decoder (DALI's default)
     crop_min_scale: float = 0.2  # RandomResizedCrop lower scale bound (MoCo v2: 0.2)
     # model (MoCo v2)
     arch: str = "resnet50"
@@ -62,7 +63,7 @@ class Config:
     init_table: str = ""  # a table from `clim-fast mine` to start from (empty: mine online)
     # run
     seed: int = 0
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    precision: str = "auto"  # auto (fp16 + loss scaling on GPU, fp32 on CPU) | fp16 | bf16 | fp32
     channels_last: bool = True  # GPU only
     compile: bool = False
     checkpoint_every: int = 10  # epochs; a checkpoint is also written at the end
@@ -86,6 +87,8 @@ class Config:
         for name in ("image_size", "batch_size", "epochs", "queue_size", "clusters", "knn_k", "mine_every", "width"):
             if getattr(self, name) <= 0:
                 raise UserError(f"config: {name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.hw_decoder_load <= 1:
+            raise UserError(f"config: hw_decoder_load must be in [0, 1], got {self.hw_decoder_load}")
         if not 0 < self.crop_min_scale <= 1:
             raise UserError(f"config: crop_min_scale must be in (0, 1], got {self.crop_min_scale}")
         if self.multires and self.mix == "none":

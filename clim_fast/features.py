@@ -21,13 +21,13 @@ def encode_share(encode_fn, loader) -> tuple[torch.Tensor, torch.Tensor, torch.T
     labels int64 [n]) for this rank's share. Local only (no collective): a rank with an empty share
     returns [0, 0] features; `agree_width` fixes that once every rank is known to have succeeded."""
     feats, ids, labels = [], [], []
-    for batch in loader:
+    for batch in loader:  # nothing here waits for the GPU: ids and labels come to the CPU once, at the end
         feats.append(torch.nn.functional.normalize(encode_fn(batch["image"]).float(), dim=1))
-        ids.append(batch["id"].reshape(-1).long().cpu())
-        labels.append(batch["label"].reshape(-1).long().cpu())
+        ids.append(batch["id"].reshape(-1).long())
+        labels.append(batch["label"].reshape(-1).long())
     if not feats:
         return torch.empty(0, 0), torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64)
-    return torch.cat(feats), torch.cat(ids), torch.cat(labels)
+    return torch.cat(feats), torch.cat(ids).cpu(), torch.cat(labels).cpu()
 
 
 def agree_width(feats: torch.Tensor) -> torch.Tensor:
@@ -57,14 +57,13 @@ def extract_features(encode_fn, loader, num_samples: int) -> tuple[torch.Tensor,
     return out_feats, out_labels.numpy()
 
 
-def momentum_features(model, kind: str, device: torch.device, precision: str = "auto"):
+def momentum_features(model, kind: str):
     """encode_fn for mining: the momentum encoder's L2-normalised features of a batch (eval-mode BN,
-    no grad; bf16 autocast on CUDA unless precision is fp32). `model` may be DDP-wrapped."""
+    no grad, the model's autocast). `model` may be DDP-wrapped."""
     moco = getattr(model, "module", model)
-    autocast = device.type == "cuda" and precision != "fp32"
 
     def encode(images: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            return moco.key_features(images, kind=kind).float()
+        with moco.autocast(images):
+            return moco.key_features(moco.layout(images), kind=kind).float()
 
     return encode

@@ -24,10 +24,10 @@ from shards.errors import UserError
 
 
 @pipeline_def
-def center_graph(source, image_size, gpu, dali_dtype, parallel):
+def center_graph(source, image_size, gpu, dali_dtype, parallel, hw_decoder_load=0.65):
     jpeg, roi, meta = fn.external_source(source=source, num_outputs=3, batch=False, parallel=parallel,
                                          dtype=[types.UINT8, types.FLOAT, types.INT64])
-    return center_view(decode(jpeg, gpu), roi, image_size, dali_dtype), meta.gpu() if gpu else meta
+    return center_view(decode(jpeg, gpu, hw_decoder_load), roi, image_size, dali_dtype), meta.gpu() if gpu else meta
 
 
 class FeatureLoader(ClosedOnExit):
@@ -42,7 +42,7 @@ class FeatureLoader(ClosedOnExit):
 
     def __init__(self, dataset, *, batch_size: int, image_size: int, rank: int = 0, world_size: int = 1,
                  device=torch.device("cpu"), workers: int = 2, threads: int = 2,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, hw_decoder_load: float = 0.65):
         self.dataset = as_dataset(dataset)
         self.num_samples = self.dataset.num_samples
         self.global_batch, self.rank, self.world_size = int(batch_size), int(rank), int(world_size)
@@ -50,12 +50,14 @@ class FeatureLoader(ClosedOnExit):
             raise UserError(f"rank {rank}: outside 0..{world_size - 1}")
         if self.global_batch <= 0:
             raise UserError(f"batch size {batch_size} must be positive")
-        self.settings = Settings(device, dtype, workers, threads)
+        self.settings = Settings(device, dtype, workers, threads, hw_decoder_load)
         self.image_size = int(image_size)
         self.local_batch = max(1, -(-self.global_batch // self.world_size))
         self.ids = eval_share(self.num_samples, self.local_batch, self.rank, self.world_size)
         self.num_valid = int((self.ids != PAD_ID).sum())
         self.steps = len(self.ids) // self.local_batch
+        # padding only ever trails: the valid count of each step, known without asking the GPU
+        self._valid = (self.ids.reshape(self.steps, self.local_batch) != PAD_ID).sum(axis=1).tolist()
         self._reader = ShardReader(self.dataset)
         self._stream: BatchStream | None = None
 
@@ -70,20 +72,19 @@ class FeatureLoader(ClosedOnExit):
         if stream is None or stream.broken or stream.next_step % self.steps:
             self.close()  # a pass abandoned half-way: start a fresh stream at the first id
             stream = self._stream = self._build()
-        for _ in range(self.steps):
-            yield self._finish(stream.next())
+        for step in range(self.steps):
+            yield self._finish(stream.next(), self._valid[step])
 
     def _build(self) -> BatchStream:
         source = IdListSource(self._reader, self.ids, self.image_size)
         s = self.settings
-        pipe = center_graph(source, self.image_size, s.gpu, s.dali_dtype, s.parallel,
+        pipe = center_graph(source, self.image_size, s.gpu, s.dali_dtype, s.parallel, s.hw_decoder_load,
                             **s.pipeline_kwargs(self.local_batch, 2))
         return BatchStream(pipe, ("image", "meta"), s, first_step=0, depth=2, source=source,
                            local_batch=self.local_batch, dataset=self.dataset)
 
-    def _finish(self, named: dict) -> dict:
+    def _finish(self, named: dict, valid: int) -> dict:
         named = self.settings.finish(named)
-        valid = int((named["id"] != PAD_ID).sum())  # padding only ever trails
         if valid < len(named["id"]):
             named = {key: value[:valid] for key, value in named.items()}
         return named

@@ -60,15 +60,19 @@ def pipeline_device_id(device: torch.device) -> int | None:
 
 
 class Settings:
-    """What every loader shares: device, output dtype, CPU workers and DALI threads."""
+    """What every loader shares: device, output dtype, CPU workers, DALI threads and the share of
+    JPEGs for the GPU's hardware decoder."""
 
-    def __init__(self, device, dtype: torch.dtype, workers: int, threads: int):
+    def __init__(self, device, dtype: torch.dtype, workers: int, threads: int, hw_decoder_load: float = 0.65):
         self.device = torch.device(device)
         self.device_id = pipeline_device_id(self.device)
         self.gpu = self.device_id is not None
         self.dtype, self.dali_dtype = dtype, dali_dtype(dtype)
         self.workers, self.threads = max(0, int(workers)), max(1, int(threads))
         self.parallel = self.workers > 0
+        if not 0.0 <= hw_decoder_load <= 1.0:
+            raise UserError(f"hw_decoder_load: must be in [0, 1], got {hw_decoder_load}")
+        self.hw_decoder_load = float(hw_decoder_load)
 
     def pipeline_kwargs(self, local_batch: int, depth: int) -> dict:
         return dict(batch_size=local_batch, num_threads=self.threads, device_id=self.device_id,

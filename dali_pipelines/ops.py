@@ -19,8 +19,12 @@ _MEAN_255 = [255 * m for m in IMAGENET_MEAN]
 _STD_255 = [255 * s for s in IMAGENET_STD]
 
 
-def decode(jpegs, gpu: bool):
-    return fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
+def decode(jpegs, gpu: bool, hw_decoder_load: float = 0.65):
+    """JPEG -> uint8 HWC RGB; on the GPU `hw_decoder_load` of the images go to the hardware JPEG
+    decoder (A100, H100, H200), the rest to the hybrid CPU-Huffman + CUDA decoder."""
+    if not gpu:
+        return fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
+    return fn.decoders.image(jpegs, device="mixed", output_type=types.RGB, hw_decoder_load=hw_decoder_load)
 
 
 def normalize(image, dali_dtype, mirror=0):

@@ -29,18 +29,18 @@ _SOURCE_DTYPES = [types.UINT8, types.FLOAT, types.INT32, types.INT64]
 
 
 @pipeline_def(enable_conditionals=True)
-def augment_graph(source, anchor_views, positive_views, gpu, dali_dtype, parallel):
+def augment_graph(source, anchor_views, positive_views, gpu, dali_dtype, parallel, hw_decoder_load=0.65):
     """Outputs: one per anchor view, `meta` (id, label); then one per positive view and `pos_id`.
     On the GPU every output is a GPU tensor (the small int64 ones are copied by DALI)."""
     outs = fn.external_source(source=source, num_outputs=4 * (1 + bool(positive_views)), batch=False,
                               parallel=parallel, dtype=_SOURCE_DTYPES * (1 + bool(positive_views)))
     jpeg, params, flips, meta = outs[:4]
-    image = decode(jpeg, gpu)
+    image = decode(jpeg, gpu, hw_decoder_load)
     result = [augmented_view(image, params, flips, v, spec, dali_dtype) for v, spec in enumerate(anchor_views)]
     result.append(meta.gpu() if gpu else meta)
     if positive_views:
         pjpeg, pparams, pflips, pos_id = outs[4:]
-        pimage = decode(pjpeg, gpu)
+        pimage = decode(pjpeg, gpu, hw_decoder_load)
         result += [augmented_view(pimage, pparams, pflips, v, spec, dali_dtype)
                    for v, spec in enumerate(positive_views)]
         result.append(pos_id.gpu() if gpu else pos_id)
@@ -73,14 +73,15 @@ class PretrainLoader(ClosedOnExit):
     def __init__(self, dataset, *, batch_size: int, image_size: int, rank: int = 0, world_size: int = 1,
                  device=torch.device("cpu"), seed: int = 0, workers: int = 2, threads: int = 2,
                  multires_sizes=(), table=None, dtype: torch.dtype = torch.float32,
-                 crop_min_scale: float = MOCO_SCALE[0], table_changes: Callable[[int], bool] | None = None):
+                 crop_min_scale: float = MOCO_SCALE[0], table_changes: Callable[[int], bool] | None = None,
+                 hw_decoder_load: float = 0.65):
         self.dataset = as_dataset(dataset)
         self.num_samples = self.dataset.num_samples
         self.global_batch, self.rank, self.world_size = int(batch_size), int(rank), int(world_size)
         self.local_batch = check_batch(self.num_samples, self.global_batch, self.world_size)
         if not 0 <= self.rank < self.world_size:
             raise UserError(f"rank {rank}: outside 0..{world_size - 1}")
-        self.settings = Settings(device, dtype, workers, threads)
+        self.settings = Settings(device, dtype, workers, threads, hw_decoder_load)
         self.image_size, self.seed = int(image_size), int(seed)
         self.multires_sizes = tuple(int(s) for s in multires_sizes)
         self.crop_min_scale = float(crop_min_scale)
@@ -208,7 +209,7 @@ class PretrainLoader(ClosedOnExit):
         s = self.settings
         # the first feed prefetches `depth` steps: with positives they must lie in this epoch
         depth = 2 if not positive_views or self.steps - step >= 2 else 1
-        pipe = augment_graph(source, anchor_views, positive_views, s.gpu, s.dali_dtype, s.parallel,
+        pipe = augment_graph(source, anchor_views, positive_views, s.gpu, s.dali_dtype, s.parallel, s.hw_decoder_load,
                              **s.pipeline_kwargs(self.local_batch, depth))
         sizes = [v.size for v in anchor_views[2:]]  # views 0 and 1 are q and k at image_size
         names = anchor_view_names(sizes) + ["meta"]

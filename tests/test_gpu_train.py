@@ -30,21 +30,24 @@ def test_single_gpu_clim_multires_run_with_autocast_and_resume(shard_dir, tmp_pa
     run_training(cfg3, shard_dir, run, gpus=1, resume="auto")
     _, _, ckpt = model_from_checkpoint(run / "checkpoints" / "last.pt")
     assert ckpt["epoch"] == 3
+    assert ckpt["scaler"]["scale"] > 0  # precision auto on CUDA: fp16 with loss scaling, resumed with it
 
 
-def test_autocast_step_is_bf16_and_close_to_fp32():
+@pytest.mark.parametrize("precision, dtype", [("auto", torch.float16), ("bf16", torch.bfloat16)])
+def test_autocast_encoders_run_in_half_precision_close_to_fp32(precision, dtype):
     from clim_fast.config import make_config
     from clim_fast.method.moco import MoCo
 
-    cfg = make_config("moco_v2", dict(arch="resnet18", image_size=32, queue_size=64, batch_size=16))
+    cfg = make_config("moco_v2", dict(arch="resnet18", image_size=32, queue_size=64, batch_size=16,
+                                      precision=precision))
     model = MoCo(cfg).cuda().to(memory_format=torch.channels_last)
     x = torch.randn(16, 3, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
     model.eval()
     with torch.no_grad():
         ref = model.encoder_q([x])[0].float()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with model.autocast(x):
             low = model.encoder_q([x])[0]
-    assert low.dtype == torch.bfloat16
+    assert low.dtype == dtype
     assert torch.nn.functional.cosine_similarity(ref, low.float()).min() > 0.98
 
 
@@ -83,22 +86,20 @@ def test_training_step_never_waits_for_the_gpu():
     host-device synchronisation, so the CPU queues the next step while the GPU runs this one."""
     from clim_fast.config import make_config
     from clim_fast.method.clim import CLIM
+    from clim_fast.training.step import grad_scaler, train_step
     from dali_pipelines.names import anchor_view_names, positive_view_names
 
     cfg = make_config("clim_multires", dict(arch="resnet18", image_size=32, queue_size=64, batch_size=16))
     model = CLIM(cfg).cuda().to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9, fused=True)
+    scaler = grad_scaler(model, torch.device("cuda"))
+    assert scaler.is_enabled()  # precision auto: fp16 with loss scaling
     sizes = {n: int(n.rsplit("_r", 1)[1]) if "_r" in n else 32
              for n in anchor_view_names(cfg.multires_sizes) + positive_view_names(cfg.multires_sizes)}
     batch = {n: torch.randn(16, 3, s, s, device="cuda") for n, s in sizes.items()}
 
     def step():
-        loss, terms = model(batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        model.enqueue_keys()
-        return terms
+        return train_step(model, model, optimizer, scaler, batch)[1]
 
     step()  # first step: allocations, cudnn autotuning
     torch.cuda.synchronize()

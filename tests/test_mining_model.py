@@ -51,7 +51,7 @@ def _loader(shard_dir, cfg, batch_size=16):
 def features(shard_dir, cfg, model, batch_size=16, kind="backbone"):
     loader = _loader(shard_dir, cfg, batch_size)
     try:
-        return extract_features(momentum_features(model, kind, CPU), loader, loader.num_samples)
+        return extract_features(momentum_features(model, kind), loader, loader.num_samples)
     finally:
         loader.close()
 
@@ -72,7 +72,7 @@ def test_extract_features_id_order_and_labels(shard_dir, photo_features):
     torch.testing.assert_close(feats.norm(dim=1), torch.ones(48))
     # row i is sample i: encode a few samples directly and compare
     loader_batch = next(iter(_loader(shard_dir, cfg)))
-    direct = momentum_features(model, "backbone", CPU)(loader_batch["image"][:4])
+    direct = momentum_features(model, "backbone")(loader_batch["image"][:4])
     torch.testing.assert_close(feats[loader_batch["id"][:4]], direct, atol=1e-4, rtol=0)
 
 

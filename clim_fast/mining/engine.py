@@ -94,7 +94,7 @@ def mine_from_model(model, cfg, dataset, *, device: torch.device, clusters: int,
     loader = FeatureLoader(dataset, batch_size=batch_size, image_size=cfg.image_size, device=device,
                            workers=cfg.workers, threads=cfg.dali_threads)
     try:
-        feats, labels = extract_features(momentum_features(model, cfg.mine_feature, device, cfg.precision), loader,
+        feats, labels = extract_features(momentum_features(model, cfg.mine_feature), loader,
                                          dataset.num_samples)
     finally:
         loader.close()

@@ -26,6 +26,11 @@ from clim_fast.mining.sharded import block_search, mine_round
 from dali_pipelines import FeatureLoader
 
 
+# The parts of a round's cost in its log record, up to the first training batch on its table
+# (`pickup_s`, added by the loop); `feature_first_batch_s` is inside `feature_s`.
+ROUND_PARTS = ("feature_s", "kmeans_s", "knn_s", "select_s", "exchange_s", "pickup_s")
+
+
 def positives_active(cfg, epoch: int) -> bool:
     return cfg.uses_positives and epoch >= cfg.clim_start_epoch
 
@@ -56,7 +61,8 @@ class OnlineMining:
         if self._loader is None:
             self._loader = FeatureLoader(self.dataset, batch_size=self.cfg.batch_size, image_size=self.cfg.image_size,
                                          rank=self.rank, world_size=self.world, device=self.device,
-                                         workers=self.cfg.workers, threads=self.cfg.dali_threads)
+                                         workers=self.cfg.workers, threads=self.cfg.dali_threads,
+                                         hw_decoder_load=self.cfg.hw_decoder_load)
         return self._loader
 
     def __call__(self, model, epoch: int):
@@ -64,10 +70,16 @@ class OnlineMining:
         cfg, n = self.cfg, self.dataset.num_samples
         clusters, k, warnings = clamp_sizes(n, cfg.clusters, cfg.knn_k)
         t0 = time.perf_counter()
-        failure, feats = None, None
+        failure, feats, first_batch_s = None, None, []
+
+        def timed(loader):  # the first batch's wait holds a pipeline build (once per process)
+            for batch in loader:
+                if not first_batch_s:
+                    first_batch_s.append(time.perf_counter() - t0)
+                yield batch
+
         try:
-            feats, ids, labels = encode_share(momentum_features(model, cfg.mine_feature, self.device, cfg.precision),
-                                              self.loader())
+            feats, ids, labels = encode_share(momentum_features(model, cfg.mine_feature), timed(self.loader()))
         except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
             failure = e
         dd.raise_if_any_failed(failure, "mining (feature pass)")
@@ -98,6 +110,7 @@ class OnlineMining:
                 print(f"mining warning: {w}", file=sys.stderr, flush=True)
             print(f"mined epoch {epoch}: {format_stats(stats)} -> {path}", file=sys.stderr, flush=True)
         record = dict(kind="mine", epoch=int(epoch), table=str(path), engine=table.meta["engine"], feature_s=feature_s,
+                      feature_first_batch_s=first_batch_s[0] if first_batch_s else 0.0,
                       **timings, **stats)
         return table, path, record
 

@@ -2,7 +2,7 @@
 
     run_training(cfg, shards, out, gpus=N)      # checks, then one worker per process
       train_worker(...)                         # builds model, optimizer, loader; for epoch: ...
-        train_one_epoch(...)                    # loss, terms = model(batch); backward; step; enqueue; log
+        train_one_epoch(...)                    # training.step.train_step: model(batch); backward; SGD; enqueue; log
 
 The step itself is `CLIM.forward` (clim_fast/method/clim.py). Mining rounds come from
 clim_fast/mining/rounds.py at the epochs its schedule names. SIGTERM/SIGINT: finish the step,
@@ -26,11 +26,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from clim_fast import distributed as dist
 from clim_fast.config import Config
 from clim_fast.method.clim import CLIM
-from clim_fast.mining.rounds import OnlineMining, is_refresh_epoch, positives_active
+from clim_fast.method.moco import autocast_dtype
+from clim_fast.mining.rounds import ROUND_PARTS, OnlineMining, is_refresh_epoch, positives_active
 from clim_fast.training.checkpoint import (capture_rng, epoch_checkpoint_name, find_resume_checkpoint, load_checkpoint,
                                            load_model_state, prune_epoch_checkpoints, restore_rng, save_checkpoint)
 from clim_fast.training.launch import Launch, plan_launch, spawn, user_errors_to
 from clim_fast.training.metrics import RunLog, ThroughputMeter, gpu_memory_gb
+from clim_fast.training.step import grad_scaler, train_step
 from dali_pipelines import PretrainLoader
 from dali_pipelines.epochs import check_batch
 from shards import ShardDataset
@@ -62,10 +64,14 @@ class ShardData:
         self.num_samples, self.dataset_id = self.dataset.num_samples, self.dataset.dataset_id
 
     def loader(self, cfg: Config, rank: int, world_size: int, device, table_changes):
+        # fp16 images straight from DALI when the encoders run in fp16 (half the bytes); DALI has no
+        # bf16, so bf16 runs read fp32 and autocast casts at the first convolution
+        fp16 = autocast_dtype(cfg.precision, device) == torch.float16
         return PretrainLoader(self.dataset, batch_size=cfg.batch_size, image_size=cfg.image_size, rank=rank,
                               world_size=world_size, device=device, seed=cfg.seed, workers=cfg.workers,
                               threads=cfg.dali_threads, multires_sizes=cfg.multires_sizes,
-                              crop_min_scale=cfg.crop_min_scale, table_changes=table_changes)
+                              crop_min_scale=cfg.crop_min_scale, table_changes=table_changes,
+                              hw_decoder_load=cfg.hw_decoder_load, dtype=torch.float16 if fp16 else torch.float32)
 
     def mining(self, cfg: Config, run_dir: Path, device):
         return OnlineMining(cfg, self.dataset, run_dir, device)
@@ -149,7 +155,9 @@ def train_worker(local_rank: int, launch: Launch, cfg: Config, data, out: Path, 
             torch.set_num_threads(max(1, torch.get_num_threads() // launch.local_procs))
         if device.type == "cuda":
             torch.cuda.set_device(device)
-            torch.backends.cudnn.benchmark = True  # fixed view sizes: pick the fastest conv kernels once
+            # fixed view sizes: pick the fastest conv kernels once (about 20 s of autotuning in a
+            # process's first clim_multires steps on an H200; the steps after are what counts)
+            torch.backends.cudnn.benchmark = True
         dist.init_distributed(rank, launch.world_size, backend=launch.backend,
                               master_addr=launch.master_addr, master_port=launch.master_port)
         try:
@@ -166,8 +174,9 @@ def train_worker(local_rank: int, launch: Launch, cfg: Config, data, out: Path, 
             optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                         momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                                         fused=device.type == "cuda")
+            scaler = grad_scaler(model, device)
             torch.manual_seed(cfg.seed + rank)
-            state = restore(resume_path, model, optimizer) if resume_path else RunState()
+            state = restore(resume_path, model, optimizer, scaler) if resume_path else RunState()
             if rank == 0:
                 cfg.save(out / "config.json")
             log = RunLog(out, enabled=rank == 0, tensorboard=cfg.tensorboard)
@@ -193,12 +202,12 @@ def train_worker(local_rank: int, launch: Launch, cfg: Config, data, out: Path, 
                         state.table_path = str(path)
                         loader.set_table(table)
                     loader.set_epoch(epoch, start_step=state.step)
-                    stopped = train_one_epoch(step_fn, model, optimizer, loader, epoch, state, cfg, log, stop, bar,
+                    stopped = train_one_epoch(step_fn, model, optimizer, scaler, loader, epoch, state, cfg, log, stop, bar,
                                               round_record)
                     if mining is not None:
                         mining.flush()  # the checkpoint names the table: it must be on disk first
                     if stopped:
-                        last = save(out, model, optimizer, state, cfg, data, epoch_file=False)
+                        last = save(out, model, optimizer, scaler, state, cfg, data, epoch_file=False)
                         log.write({"kind": "preempted", "epoch": state.epoch, "step": state.step,
                                    "iteration": state.iteration, "signal": stop.signum, "checkpoint": str(last)})
                         if rank == 0:
@@ -206,7 +215,7 @@ def train_worker(local_rank: int, launch: Launch, cfg: Config, data, out: Path, 
                                   file=sys.stderr)
                         return last
                     if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
-                        last = save(out, model, optimizer, state, cfg, data, epoch_file=True)
+                        last = save(out, model, optimizer, scaler, state, cfg, data, epoch_file=True)
                 if state.epoch >= cfg.epochs and not last.exists() and rank == 0:
                     raise UserError(f"--epochs {cfg.epochs}: nothing to do, the checkpoint is already at that epoch")
                 return last
@@ -222,7 +231,7 @@ def train_worker(local_rank: int, launch: Launch, cfg: Config, data, out: Path, 
             dist.cleanup()
 
 
-def train_one_epoch(step_fn, model: CLIM, optimizer, loader, epoch: int, state: RunState, cfg: Config,
+def train_one_epoch(step_fn, model: CLIM, optimizer, scaler, loader, epoch: int, state: RunState, cfg: Config,
                     log: RunLog, stop: "StopFlag", bar, round_record: dict | None) -> bool:
     """Train the rest of `epoch` (from state.step). True when a stop signal ended it early."""
     steps, gb = len(loader), cfg.batch_size
@@ -236,16 +245,12 @@ def train_one_epoch(step_fn, model: CLIM, optimizer, loader, epoch: int, state: 
             first_wait = wait
             if round_record is not None:  # the round's whole cost, up to the first batch on its table
                 round_record["pickup_s"] = wait
-                round_record["round_s"] = sum(v for k, v in round_record.items() if k.endswith("_s"))
+                round_record["round_s"] = sum(round_record[k] for k in ROUND_PARTS if k in round_record)
                 log.write(round_record)
         lr = lr_at(cfg, state.iteration, total, steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss, terms = step_fn(batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        model.enqueue_keys()
+        loss, terms = train_step(step_fn, model, optimizer, scaler, batch)
         state.iteration += 1
         state.step += 1
         loss_sum += terms["loss"]
@@ -283,12 +288,13 @@ def train_one_epoch(step_fn, model: CLIM, optimizer, loader, epoch: int, state: 
 # ---------------------------------------------------------------------------------------------
 # state, signals, progress
 
-def save(out: Path, model: CLIM, optimizer, state: RunState, cfg: Config, data, *, epoch_file: bool) -> Path:
+def save(out: Path, model: CLIM, optimizer, scaler, state: RunState, cfg: Config, data, *, epoch_file: bool) -> Path:
     rngs = dist.all_gather_object(capture_rng(model.generators()))
     folder = out / "checkpoints"
     last = folder / "last.pt"
     if dist.get_rank() == 0:
-        ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": cfg.to_dict(),
+        ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "config": cfg.to_dict(),
                 **asdict(state), "rng": rngs, "dataset_id": data.dataset_id, "num_samples": data.num_samples,
                 "world_size": dist.get_world_size()}
         paths = [folder / epoch_checkpoint_name(state.epoch), last] if epoch_file else [last]
@@ -299,13 +305,15 @@ def save(out: Path, model: CLIM, optimizer, state: RunState, cfg: Config, data, 
     return last
 
 
-def restore(path: Path, model: CLIM, optimizer) -> RunState:
+def restore(path: Path, model: CLIM, optimizer, scaler) -> RunState:
     ckpt = load_checkpoint(path, map_location="cpu")
     load_model_state(model, ckpt["model"], path)
     try:
         optimizer.load_state_dict(ckpt["optimizer"])
     except (KeyError, ValueError) as e:
         raise UserError(f"{path}: optimizer state does not match ({e})") from None
+    if ckpt.get("scaler"):  # fp16 runs: the loss scale goes on where it was
+        scaler.load_state_dict(ckpt["scaler"])
     state = RunState(**{k: ckpt[k] for k in asdict(RunState()) if k in ckpt})
     rngs, world, rank = ckpt.get("rng", []), dist.get_world_size(), dist.get_rank()
     if len(rngs) == world:
