@@ -108,7 +108,9 @@ else
     # mining at epochs 1 and 3 (clusters: 15,400 / 64 ~ 240 per cluster), epoch 2 steady, SIGTERM
     # at the first logged step of epoch 3, the resume runs the rest of epoch 3 (one process start
     # fewer than a SIGTERM in epoch 2: each costs ~30 s of pipeline build and cuDNN autotuning)
-    TRAIN_SET="arch=resnet50 image_size=224 batch_size=256 queue_size=4096 workers=12 dali_threads=4
+    # 4 external-source workers and 12 DALI threads (the 2026-11-27 run had 12 / 4: its real rows and
+    # feature pass looked bound by the Huffman decoding on 4 threads; train_step compares both)
+    TRAIN_SET="arch=resnet50 image_size=224 batch_size=256 queue_size=4096 workers=4 dali_threads=12
                epochs=4 clim_start_epoch=1 mine_every=2 clusters=64 knn_k=40 mine_engine=torch
                log_every=5 checkpoint_every=2"
     # two ranks on the one GPU over gloo: shuffle BN, the feature exchange and the sharded round on

@@ -92,7 +92,7 @@ def mine_from_model(model, cfg, dataset, *, device: torch.device, clusters: int,
                     batch_size: int, epoch: int, checkpoint: str = ""):
     """`clim-fast mine`: features of every sample with the momentum encoder, then mine_table."""
     loader = FeatureLoader(dataset, batch_size=batch_size, image_size=cfg.image_size, device=device,
-                           workers=cfg.workers, threads=cfg.dali_threads)
+                           workers=cfg.workers, threads=cfg.dali_threads, hw_decoder_load=cfg.hw_decoder_load)
     try:
         feats, labels = extract_features(momentum_features(model, cfg.mine_feature), loader,
                                          dataset.num_samples)
