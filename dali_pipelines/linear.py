@@ -6,41 +6,21 @@ from __future__ import annotations
 import torch
 
 from dali_pipelines.augment import LINEAR_SCALE, ViewSpec
-from dali_pipelines.epochs import check_batch, steps_per_epoch
-from dali_pipelines.external import AugmentSource, ShardReader
-from dali_pipelines.loader import BatchStream, ClosedOnExit, Settings, as_dataset
+from dali_pipelines.external import AugmentSource
+from dali_pipelines.loader import BatchStream, EpochLoader
 from dali_pipelines.pretrain import augment_graph
-from shards.errors import UserError
 
 
-class LinearTrainLoader(ClosedOnExit):
+class LinearTrainLoader(EpochLoader):
     """Yields `image`, `id`, `label` for one rank; `batch_size` is global. `set_epoch(e,
     start_step=0)` then iterate; the pipeline streams on from one epoch into the next."""
 
     def __init__(self, dataset, *, batch_size: int, image_size: int, rank: int = 0, world_size: int = 1,
                  device=torch.device("cpu"), seed: int = 0, workers: int = 2, threads: int = 2,
                  dtype: torch.dtype = torch.float32):
-        self.dataset = as_dataset(dataset)
-        self.num_samples = self.dataset.num_samples
-        self.global_batch, self.rank, self.world_size = int(batch_size), int(rank), int(world_size)
-        self.local_batch = check_batch(self.num_samples, self.global_batch, self.world_size)
-        if not 0 <= self.rank < self.world_size:
-            raise UserError(f"rank {rank}: outside 0..{world_size - 1}")
-        self.settings = Settings(device, dtype, workers, threads)
-        self.image_size, self.seed = int(image_size), int(seed)
+        super().__init__(dataset, batch_size=batch_size, image_size=image_size, rank=rank, world_size=world_size,
+                         device=device, seed=seed, workers=workers, threads=threads, dtype=dtype)
         self.view = ViewSpec(self.image_size, LINEAR_SCALE, color=False)
-        self.steps = steps_per_epoch(self.num_samples, self.global_batch)
-        self.epoch, self.start_step = 0, 0
-        self._reader = ShardReader(self.dataset)
-        self._stream: BatchStream | None = None
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        if not 0 <= start_step <= self.steps:
-            raise ValueError(f"start_step {start_step}: outside 0..{self.steps}")
-        self.epoch, self.start_step = int(epoch), int(start_step)
 
     def __iter__(self):
         epoch, step = self.epoch, self.start_step

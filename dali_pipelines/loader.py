@@ -33,6 +33,8 @@ import nvidia.dali.types as types
 import torch
 from PIL import Image
 
+from dali_pipelines.epochs import check_batch, steps_per_epoch
+from dali_pipelines.external import ShardReader
 from shards import ShardDataset
 from shards.errors import UserError
 
@@ -236,7 +238,7 @@ def failure_message(dataset, ids, error: BaseException) -> str:
 
 
 class ClosedOnExit:
-    """`with loader:` and garbage collection both end in `close()` (the loaders' one shared bit)."""
+    """`with loader:` and garbage collection both end in `close()` (every loader's shared bit)."""
 
     def close(self) -> None:
         raise NotImplementedError
@@ -252,3 +254,32 @@ class ClosedOnExit:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class EpochLoader(ClosedOnExit):
+    """A loader over one rank's drop-last epoch share (`epochs.epoch_share`), `batch_size` global: what
+    `pretrain.PretrainLoader` and `linear.LinearTrainLoader` share (the batch and rank checks, the
+    settings, the steps of an epoch, `set_epoch`)."""
+
+    def __init__(self, dataset, *, batch_size: int, image_size: int, rank: int, world_size: int, device, seed: int,
+                 workers: int, threads: int, dtype: torch.dtype, hw_decoder_load: float = 0.65):
+        self.dataset = as_dataset(dataset)
+        self.num_samples = self.dataset.num_samples
+        self.global_batch, self.rank, self.world_size = int(batch_size), int(rank), int(world_size)
+        self.local_batch = check_batch(self.num_samples, self.global_batch, self.world_size)
+        if not 0 <= self.rank < self.world_size:
+            raise UserError(f"rank {rank}: outside 0..{world_size - 1}")
+        self.settings = Settings(device, dtype, workers, threads, hw_decoder_load)
+        self.image_size, self.seed = int(image_size), int(seed)
+        self.steps = steps_per_epoch(self.num_samples, self.global_batch)
+        self.epoch, self.start_step = 0, 0
+        self._reader = ShardReader(self.dataset)
+        self._stream: BatchStream | None = None
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        if not 0 <= start_step <= self.steps:
+            raise ValueError(f"start_step {start_step}: outside 0..{self.steps}")
+        self.epoch, self.start_step = int(epoch), int(start_step)

@@ -18,12 +18,10 @@ import nvidia.dali.types as types
 from nvidia.dali import pipeline_def
 
 from dali_pipelines.augment import MOCO_SCALE, ViewSpec, moco_views
-from dali_pipelines.epochs import check_batch, steps_per_epoch
-from dali_pipelines.external import AugmentSource, ShardReader, TableBook, epoch_pointer, publish_table
-from dali_pipelines.loader import BatchStream, ClosedOnExit, Scratch, Settings, as_dataset
+from dali_pipelines.external import AugmentSource, TableBook, epoch_pointer, publish_table
+from dali_pipelines.loader import BatchStream, EpochLoader, Scratch
 from dali_pipelines.names import anchor_view_names, positive_view_names
 from dali_pipelines.ops import augmented_view, decode
-from shards.errors import UserError
 
 _SOURCE_DTYPES = [types.UINT8, types.FLOAT, types.INT32, types.INT64]
 
@@ -47,7 +45,7 @@ def augment_graph(source, anchor_views, positive_views, gpu, dali_dtype, paralle
     return tuple(result)
 
 
-class PretrainLoader(ClosedOnExit):
+class PretrainLoader(EpochLoader):
     """MoCo v2 / CLIM batches for one rank. `batch_size` is the global batch.
 
     Yields dicts of NCHW tensors on `device`: `q`, `k`, `id`, `label`; with a neighbour table also
@@ -75,33 +73,21 @@ class PretrainLoader(ClosedOnExit):
                  multires_sizes=(), table=None, dtype: torch.dtype = torch.float32,
                  crop_min_scale: float = MOCO_SCALE[0], table_changes: Callable[[int], bool] | None = None,
                  hw_decoder_load: float = 0.65):
-        self.dataset = as_dataset(dataset)
-        self.num_samples = self.dataset.num_samples
-        self.global_batch, self.rank, self.world_size = int(batch_size), int(rank), int(world_size)
-        self.local_batch = check_batch(self.num_samples, self.global_batch, self.world_size)
-        if not 0 <= self.rank < self.world_size:
-            raise UserError(f"rank {rank}: outside 0..{world_size - 1}")
-        self.settings = Settings(device, dtype, workers, threads, hw_decoder_load)
-        self.image_size, self.seed = int(image_size), int(seed)
+        super().__init__(dataset, batch_size=batch_size, image_size=image_size, rank=rank, world_size=world_size,
+                         device=device, seed=seed, workers=workers, threads=threads, dtype=dtype,
+                         hw_decoder_load=hw_decoder_load)
         self.multires_sizes = tuple(int(s) for s in multires_sizes)
         self.crop_min_scale = float(crop_min_scale)
         self.table_changes = table_changes
-        self.steps = steps_per_epoch(self.num_samples, self.global_batch)
-        self.epoch, self.start_step = 0, 0
-        self._reader = ShardReader(self.dataset)
         self._scratch = Scratch()
         self._table, self._table_folder, self._table_folders = None, None, []
         self._pending = _UNSET
-        self._stream: BatchStream | None = None
         self._published: dict[int, str] = {}
         self._pointers = None
         self._streams_built = 0
         self._install_table(table)
 
     # -- the loop's API -----------------------------------------------------------------------------
-    def __len__(self) -> int:
-        return self.steps
-
     @property
     def table(self):
         return self._table
@@ -112,9 +98,7 @@ class PretrainLoader(ClosedOnExit):
         self._pending = table
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        if not 0 <= start_step <= self.steps:
-            raise ValueError(f"start_step {start_step}: outside 0..{self.steps}")
-        self.epoch, self.start_step = int(epoch), int(start_step)
+        super().set_epoch(epoch, start_step)
         if self._pending is not _UNSET:
             self._install_table(self._pending)
             self._pending = _UNSET
