@@ -41,6 +41,13 @@ def autocast_dtype(precision: str, device) -> torch.dtype | None:
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}[precision]
 
 
+def image_dtype(precision: str, device) -> torch.dtype:
+    """The dtype the loaders hand images in: fp16 straight from DALI when the encoders run in fp16
+    (half the bytes); DALI has no bf16, so bf16 and fp32 runs read fp32 (autocast casts at the
+    first convolution)."""
+    return torch.float16 if autocast_dtype(precision, device) == torch.float16 else torch.float32
+
+
 class Encoder(nn.Module):
     """Backbone + MoCo v2 MLP head. Takes one NCHW batch, or a list of batches (one call, so a
     DDP wrapper sees a single forward per step even with several query views)."""
