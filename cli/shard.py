@@ -12,6 +12,7 @@ from rich.markup import escape
 
 from shards import verify_shards, write_shards
 from shards.format import DEFAULT_MAXCOUNT
+from shards.writer import Interrupted
 from shards.errors import os_errors_as_user_errors
 
 _SHOWN = 10  # skipped files listed in the summary; the manifest lists them all
@@ -82,8 +83,15 @@ def register(app: typer.Typer) -> None:
         """Pack an image folder into WebDataset shards with DALI index files and a manifest."""
 
         console = Console()
-        summary = write_shards(src, out, maxcount=maxcount, workers=workers, seed=seed, labels=labels,
-                               max_side=max_side, resume=resume, progress=True, classes=classes)
+        try:
+            summary = write_shards(src, out, maxcount=maxcount, workers=workers, seed=seed, labels=labels,
+                                   max_side=max_side, resume=resume, progress=True, classes=classes)
+        except KeyboardInterrupt as e:  # a plain one: still listing SRC, before any shard is written
+            message = str(e) if isinstance(e, Interrupted) else (
+                f"before any new shard was written to {out}; run the same command with --resume to finish")
+            Console(stderr=True, soft_wrap=True).print(f"[bold yellow]interrupted:[/] {escape(message)}",
+                                                       highlight=False)
+            raise typer.Exit(130) from None
         print_summary(summary, console)
         if verify:
             with os_errors_as_user_errors(out):

@@ -40,6 +40,10 @@ RUN_RECORD = "run.json"
 DELAY_ENV = "CLIM_FAST_SHARD_DELAY_S"
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C while shards were being written; the message says what is kept and how to finish."""
+
+
 def write_shards(src, out, *, maxcount: int = DEFAULT_MAXCOUNT, workers: int = 1, seed: int = 0,
                  labels=None, max_side: int | None = None, resume: bool = False,
                  progress: bool = False, classes=None) -> dict:
@@ -90,34 +94,41 @@ def _write_locked(src, out: Path, sources: SourceList, fingerprint: str, *, maxc
     delay = float(os.environ.get(DELAY_ENV, "0") or 0)
     skipped: list[dict] = []
     builder = None
-    with _progress_bar(progress, len(sources), start) as advance:
-        for position, checked in _checked_stream(sources, order, start, workers, max_side):
-            advance()
-            i = int(order[position])
-            if checked.action == SKIP:
-                skipped.append({"path": sources.paths[i], "reason": checked.reason})
-                continue
-            if builder is None:
-                builder = _ShardBuilder(out, len(records), next_id, width)
-            builder.add(next_id, sources.paths[i], int(sources.labels[i]), checked)
-            next_id += 1
-            if builder.count == maxcount:
-                records.append(builder.finish(position + 1, skipped))
-                builder, skipped = None, []
-                if delay:
-                    time.sleep(delay)
-        if builder is not None:
-            records.append(builder.finish(len(order), skipped))
-            skipped = []
-    if next_id == 0:
+    try:
+        with _progress_bar(progress, len(sources), start) as advance:
+            for position, checked in _checked_stream(sources, order, start, workers, max_side):
+                advance()
+                i = int(order[position])
+                if checked.action == SKIP:
+                    skipped.append({"path": sources.paths[i], "reason": checked.reason})
+                    continue
+                if builder is None:
+                    builder = _ShardBuilder(out, len(records), next_id, width)
+                builder.add(next_id, sources.paths[i], int(sources.labels[i]), checked)
+                next_id += 1
+                if builder.count == maxcount:
+                    records.append(builder.finish(position + 1, skipped))
+                    builder, skipped = None, []
+                    if delay:
+                        time.sleep(delay)
+            if builder is not None:
+                records.append(builder.finish(len(order), skipped))
+                skipped = []
+        if next_id == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+            reasons = Counter(s["reason"] for s in skipped).most_common(1)
+            raise UserError(f"{src}: none of its {len(sources)} image files could be read "
+                            f"(most common problem: {reasons[0][0]})")
+        manifest = _finalize(out, sources, records, skipped, fingerprint, width,
+                             {"src": str(Path(src).resolve()),
+                              "labels": str(Path(labels).resolve()) if labels else None,
+                              "seed": seed, "maxcount": maxcount, "max_side": max_side})
         shutil.rmtree(partial, ignore_errors=True)
-        reasons = Counter(s["reason"] for s in skipped).most_common(1)
-        raise UserError(f"{src}: none of its {len(sources)} image files could be read "
-                        f"(most common problem: {reasons[0][0]})")
-    manifest = _finalize(out, sources, records, skipped, fingerprint, width,
-                         {"src": str(Path(src).resolve()), "labels": str(Path(labels).resolve()) if labels else None,
-                          "seed": seed, "maxcount": maxcount, "max_side": max_side})
-    shutil.rmtree(partial, ignore_errors=True)
+    except KeyboardInterrupt:
+        if builder is not None:
+            builder.discard()
+        raise Interrupted(f"{sum(r['count'] for r in records):,} of {len(sources):,} images written to {out} in "
+                          f"{len(records)} complete shard(s); run the same command with --resume to finish") from None
     return _summary(out, manifest, started, resumed_shards=resumed, already_complete=False,
                     checked_files=len(sources) - start)
 
@@ -266,6 +277,12 @@ def _kill_workers(pool: ProcessPoolExecutor) -> None:
             process.kill()
         except (OSError, ValueError, AttributeError):
             pass
+    # A worker killed while sending a result leaves half a message in the pipe, and the pool's
+    # reader thread would wait for the rest forever (so would shutdown): without our write end
+    # open too, it reads end-of-file and the pool breaks instead.
+    writer = getattr(getattr(pool, "_result_queue", None), "_writer", None)
+    if writer is not None:
+        writer.close()
 
 
 @contextmanager
@@ -338,6 +355,10 @@ class _ShardBuilder:
         atomic_write_text(_record_path(self.out, self.number), json.dumps(record))
         os.replace(self.tmp, self.out / shard_name(self.number))  # the shard is complete from here on
         return record
+
+    def discard(self) -> None:
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
 
 
 def _finalize(out: Path, sources: SourceList, records: list[dict], tail_skipped: list[dict],

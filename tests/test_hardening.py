@@ -1,5 +1,6 @@
 """Issue 14: symlink loops, concurrent runs, broken resumes, manifest paths, file-system errors,
-orphaned workers, class mappings across evals, the unsafe-checkpoint message, neighbour rows."""
+orphaned workers, class mappings across evals, the unsafe-checkpoint message, neighbour rows,
+Ctrl-C while sharding."""
 
 from __future__ import annotations
 
@@ -449,3 +450,33 @@ def test_a_well_formed_neighbour_table_loads(tmp_path):
         NeighbourTable.load(path)
     _table([[1, 2, -1], [0, -1, -1], [1, 0, -1]], [2, 1, 2]).save(path)
     assert NeighbourTable.load(path).num_samples == 3
+
+
+# ------------------------------------------------------------------------------ 10. Ctrl-C
+
+def test_ctrl_c_during_shard_is_one_line_exit_130_and_resume_finishes(small_src, tmp_path):
+    import re
+
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(REPO), CLIM_FAST_SHARD_DELAY_S="600")
+    args = [sys.executable, "-m", "cli", "shard", str(small_src), str(out), "--maxcount", "4", "--workers", "2"]
+    # SIG_DFL: a test run in the background has SIGINT ignored, and the child would inherit that
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        _wait_for(lambda: (out / "shard-000000.tar").exists(), proc, "the first shard")
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    last = stderr.strip().splitlines()[-1]
+    match = re.fullmatch(rf"interrupted: (\d+) of 40 images written to {re.escape(str(out))} in (\d+) complete "
+                         r"shard\(s\); run the same command with --resume to finish", last)
+    assert match and int(match[1]) == 4 * int(match[2]), stderr
+    assert not list(out.glob(".*.tmp")) and not (out / ".lock").exists()
+    again = _main(*args[3:], "--resume")
+    assert again.returncode == 0 and "shards kept from the interrupted run" in again.stdout, again.stderr
+    assert ShardDataset(out).num_samples == 40 and verify_shards(out)["ok"]
