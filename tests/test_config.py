@@ -43,6 +43,10 @@ def test_bad_values_and_presets():
         make_config("clim", {"mix": "blend"})
     with pytest.raises(UserError, match="--preset"):
         make_config("simclr")
+    with pytest.raises(UserError, match="hw_decoder_load"):
+        make_config("clim", {"hw_decoder_load": 1.5})
+    with pytest.raises(UserError, match="precision"):
+        make_config("clim", {"precision": "fp8"})
 
 
 def test_save_load_round_trip(tmp_path):

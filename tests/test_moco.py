@@ -179,3 +179,16 @@ def test_resume_auto_skips_a_torn_last_checkpoint(tmp_path):
     path, ckpt = find_resume_checkpoint(tmp_path)
     assert path.name == "epoch-0002.pt" and ckpt["epoch"] == 2
     assert find_resume_checkpoint(tmp_path / "nothing") is None
+
+
+def test_precision_picks_the_autocast_and_image_dtypes():
+    """auto: fp16 on CUDA (cuDNN batch norm; loss scaling in training.step), fp32 on the CPU; the
+    loaders hand fp16 images only to fp16 encoders (DALI has no bf16)."""
+    from clim_fast.method.moco import autocast_dtype, image_dtype
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert autocast_dtype("auto", cuda) == torch.float16 and autocast_dtype("auto", cpu) is None
+    assert autocast_dtype("bf16", cuda) == torch.bfloat16 and autocast_dtype("fp32", cuda) is None
+    assert autocast_dtype("fp16", cpu) == torch.float16
+    assert image_dtype("auto", cuda) == torch.float16 and image_dtype("fp16", cuda) == torch.float16
+    assert image_dtype("bf16", cuda) == torch.float32 and image_dtype("auto", cpu) == torch.float32
