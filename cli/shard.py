@@ -48,7 +48,7 @@ def print_summary(summary: dict, console: Console) -> None:
     ignored = summary.get("ignored_links") or []
     if ignored:
         console.print(f"[yellow]ignored {len(ignored)} symbolic link(s)[/] (listed in manifest.json; links are "
-                      "followed only inside SRC, without loops, each file once):")
+                      "followed without loops, each file once, and out of SRC only with --follow-links):")
         for entry in ignored[:_SHOWN]:
             console.print(f"  {entry['path']}: {entry['reason']}", highlight=False, markup=False)
         if len(ignored) > _SHOWN:
@@ -77,6 +77,7 @@ def register(app: typer.Typer) -> None:
         labels: Optional[Path] = typer.Option(None, "--labels", help="Labels file for a flat folder: lines 'FILE LABEL' (or ImageNet's LOC_val_solution.csv)."),
         classes: Optional[Path] = typer.Option(None, "--classes", help="Reuse the class mapping of another shard folder (e.g. train shards, for validation)."),
         max_side: Optional[int] = typer.Option(None, "--max-side", help="Re-encode images whose longer side exceeds PX down to PX (faster decoding; off by default)."),
+        follow_links: bool = typer.Option(False, "--follow-links", help="Also follow symbolic links that point outside SRC (e.g. a folder of links into the full ImageNet), still without loops, each file once."),
         resume: bool = typer.Option(False, "--resume", help="Finish an interrupted run, keeping its complete shards."),
         verify: bool = typer.Option(False, "--verify", help="Re-check counts and checksums afterwards."),
     ) -> None:
@@ -85,7 +86,8 @@ def register(app: typer.Typer) -> None:
         console = Console()
         try:
             summary = write_shards(src, out, maxcount=maxcount, workers=workers, seed=seed, labels=labels,
-                                   max_side=max_side, resume=resume, progress=True, classes=classes)
+                                   max_side=max_side, resume=resume, progress=True, classes=classes,
+                                   follow_links=follow_links)
         except KeyboardInterrupt as e:  # a plain one: still listing SRC, before any shard is written
             message = str(e) if isinstance(e, Interrupted) else (
                 f"before any new shard was written to {out}; run the same command with --resume to finish")

@@ -50,21 +50,26 @@ SYMLINK_RULE = (
     "Symbolic links below SRC are followed only to targets inside SRC that no other path already "
     "reaches: a link that points outside SRC, at a folder that contains it (a loop), at a folder or "
     "file already included, or at nothing is ignored, and each real file is included once. Ignored "
-    "links are listed in manifest.json (ignored_links) and in the summary. SRC itself may be a link.")
+    "links are listed in manifest.json (ignored_links) and in the summary. SRC itself may be a link. "
+    "With follow_links (--follow-links), links that point outside SRC are followed too, by the same rules.")
+
+OUTSIDE_SRC = "outside SRC"  # ends the reason of a link ignored for pointing outside SRC
 
 
 class _Scanner:
     """Walks SRC without loops: real folders first, then the symbolic links met on the way.
 
     Every real folder is walked at most once and every real file is taken at most once (real
-    paths win over paths through links); links to targets outside SRC are never followed.
+    paths win over paths through links); links to targets outside SRC are followed only when
+    `follow_outside`.
     """
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, follow_outside: bool = False):
         self.root = root
         self.root_real = os.path.realpath(root)
         self._prefix = self.root_real.rstrip(os.sep) + os.sep
-        self.real_dirs: set[str] = set()  # real paths of the folders walked (and SRC)
+        self.follow_outside = follow_outside
+        self.real_dirs: dict[str, str] = {}  # real path -> relative path, of the folders walked (and SRC)
         self.file_dirs: set[str] = set()  # real paths of the folders whose images were taken
         self.linked_files: dict[str, str] = {}  # real path -> relative path, for files taken via links
         self.found: list[tuple[str, int, str | None]] = []  # (relative posix path, size, group)
@@ -77,12 +82,22 @@ class _Scanner:
     def _rel_of_real(self, real: str) -> str:
         return "." if real == self.root_real else real[len(self._prefix):].replace(os.sep, "/")
 
+    def _shown(self, real: str) -> str:
+        """A walked folder or a file in one, as messages name it: its path below SRC, or else
+        (outside SRC) the path of the link that reached it."""
+        if self._inside(real):
+            return self._rel_of_real(real)
+        if real in self.real_dirs:
+            return self.real_dirs[real]
+        folder, name = os.path.split(real)
+        return f"{self.real_dirs[folder]}/{name}"
+
     def walk(self, rel_dir: str, real_dir: str, group: str | None) -> None:
         """Every image below a folder reached by its real path; links are queued for `follow_links`."""
         stack = [(rel_dir, real_dir)]
         while stack:
             rel, real = stack.pop()
-            self.real_dirs.add(real)
+            self.real_dirs[real] = rel
             self.file_dirs.add(real)
             try:
                 with os.scandir(real) as it:
@@ -123,7 +138,7 @@ class _Scanner:
         """A file reached through a link: taken unless a real path or an earlier link took it."""
         folder, name = os.path.split(target)
         if folder in self.file_dirs and not name.startswith(".") and is_image_name(name):
-            self.ignored.append({"path": rel, "reason": f"second path to {self._rel_of_real(target)}"})
+            self.ignored.append({"path": rel, "reason": f"second path to {self._shown(target)}"})
         elif target in self.linked_files:
             self.ignored.append({"path": rel, "reason": f"second path to {self.linked_files[target]}"})
         else:
@@ -132,13 +147,16 @@ class _Scanner:
 
     def dir_link_problem(self, rel: str, target: str) -> str | None:
         """Why a link to the folder `target` is not followed, or None when it is."""
-        if not self._inside(target):
-            return f"link to {target}, outside SRC"
-        if target in self.real_dirs or target == self.root_real:
+        inside = self._inside(target)
+        if not inside and not self.follow_outside:
+            return f"link to {target}, {OUTSIDE_SRC}"
+        walked = target in self.real_dirs or target == self.root_real
+        if walked or not inside:  # outside SRC a folder not walked (an ancestor of SRC) can contain it too
             parent = os.path.realpath((self.root / rel).parent)
             if parent == target or parent.startswith(target.rstrip(os.sep) + os.sep):
                 return "link loop (points at a folder that contains it)"
-            return f"second path to the folder {self._rel_of_real(target)}"
+        if walked:
+            return f"second path to the folder {self._shown(target)}"
         return None
 
     def follow_links(self) -> None:
@@ -156,8 +174,8 @@ class _Scanner:
         if not os.path.exists(target):
             self.ignored.append({"path": rel, "reason": "broken link"})
             return
-        if not self._inside(target):
-            self.ignored.append({"path": rel, "reason": f"link to {target}, outside SRC"})
+        if not self._inside(target) and not self.follow_outside:
+            self.ignored.append({"path": rel, "reason": f"link to {target}, {OUTSIDE_SRC}"})
             return
         if is_dir:
             problem = self.dir_link_problem(rel, target)
@@ -170,26 +188,29 @@ class _Scanner:
 
 
 def find_sources(src: str | Path, labels: str | Path | None = None,
-                 classes: dict[str, int] | None = None) -> SourceList:
+                 classes: dict[str, int] | None = None, follow_links: bool = False) -> SourceList:
+    """The images below `src` by SYMLINK_RULE; `follow_links` also follows links out of SRC."""
     root = Path(src)
     if not root.exists():
         raise UserError(f"{src}: no such folder")
     if not root.is_dir():
         raise UserError(f"{src}: not a folder")
     if labels is not None:
-        return _flat_with_labels(root, Path(labels), classes)
-    return _class_folders(root, classes)
+        return _flat_with_labels(root, Path(labels), classes, follow_links)
+    return _class_folders(root, classes, follow_links)
 
 
 def _ignored_note(ignored: list[dict]) -> str:
     if not ignored:
         return ""
-    return f"; {len(ignored)} symbolic link(s) ignored, e.g. {ignored[0]['path']}: {ignored[0]['reason']}"
+    outside = any(e["reason"].endswith(OUTSIDE_SRC) for e in ignored)
+    return (f"; {len(ignored)} symbolic link(s) ignored, e.g. {ignored[0]['path']}: {ignored[0]['reason']}"
+            + (" (--follow-links follows links out of SRC)" if outside else ""))
 
 
-def _class_folders(root: Path, classes: dict[str, int] | None) -> SourceList:
-    scanner = _Scanner(root)
-    scanner.real_dirs.add(scanner.root_real)
+def _class_folders(root: Path, classes: dict[str, int] | None, follow_links: bool) -> SourceList:
+    scanner = _Scanner(root, follow_links)
+    scanner.real_dirs[scanner.root_real] = "."
     try:
         with os.scandir(scanner.root_real) as it:
             top = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
@@ -239,9 +260,9 @@ def _class_folders(root: Path, classes: dict[str, int] | None) -> SourceList:
                       sorted(scanner.ignored, key=lambda x: x["path"]))
 
 
-def _walk_images(root: Path) -> tuple[list[tuple[str, int]], list[dict]]:
+def _walk_images(root: Path, follow_links: bool) -> tuple[list[tuple[str, int]], list[dict]]:
     """(relative posix path, size) of every image below root by SYMLINK_RULE, and the ignored links."""
-    scanner = _Scanner(root)
+    scanner = _Scanner(root, follow_links)
     scanner.walk("", scanner.root_real, None)
     scanner.follow_links()
     return sorted((rel, size) for rel, size, _ in scanner.found), sorted(scanner.ignored, key=lambda x: x["path"])
@@ -272,8 +293,9 @@ def read_labels_file(path: Path) -> list[tuple[int, str, str]]:
     return entries
 
 
-def _flat_with_labels(root: Path, labels_path: Path, classes: dict[str, int] | None) -> SourceList:
-    found, ignored = _walk_images(root)
+def _flat_with_labels(root: Path, labels_path: Path, classes: dict[str, int] | None,
+                      follow_links: bool) -> SourceList:
+    found, ignored = _walk_images(root, follow_links)
     if not found:
         raise UserError(f"{root}: no images (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})"
                         f"{_ignored_note(ignored)}")

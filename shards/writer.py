@@ -46,11 +46,12 @@ class Interrupted(KeyboardInterrupt):
 
 def write_shards(src, out, *, maxcount: int = DEFAULT_MAXCOUNT, workers: int = 1, seed: int = 0,
                  labels=None, max_side: int | None = None, resume: bool = False,
-                 progress: bool = False, classes=None) -> dict:
+                 progress: bool = False, classes=None, follow_links: bool = False) -> dict:
     """Shard the images below `src` into `out`; returns a summary dict.
 
     `labels`: a labels file for a flat folder. `classes`: a class mapping (dict, or a shard folder /
-    manifest whose mapping to reuse, e.g. the train shards' for validation).
+    manifest whose mapping to reuse, e.g. the train shards' for validation). `follow_links`: also
+    follow symbolic links that point outside `src` (shards.scan.SYMLINK_RULE).
     """
     if maxcount < 1:
         raise UserError(f"--maxcount: must be at least 1, got {maxcount}")
@@ -61,18 +62,23 @@ def write_shards(src, out, *, maxcount: int = DEFAULT_MAXCOUNT, workers: int = 1
     if Path(src).resolve() in Path(out).resolve().parents or Path(src).resolve() == Path(out).resolve():
         raise UserError(f"{out}: inside the source folder {src}; choose an output folder outside it")
     started = time.perf_counter()
-    sources = find_sources(src, labels, _class_mapping(classes))
-    fingerprint = sources.fingerprint({"seed": seed, "maxcount": maxcount, "max_side": max_side})
+    sources = find_sources(src, labels, _class_mapping(classes), follow_links)
+    # follow_links changes which links the manifest lists as ignored even where it selects the same
+    # files; left out when off, so default runs keep their fingerprints (and can resume older runs).
+    fingerprint = sources.fingerprint({"seed": seed, "maxcount": maxcount, "max_side": max_side,
+                                       **({"follow_links": True} if follow_links else {})})
     out = Path(out)
     # One run per OUT: a second run is refused while this one lives (shards/lock.py), and any
     # file-system failure (permissions, a file in the way, a full disk) is a one-line error.
     with folder_lock(out, "`clim-fast shard` run"), os_errors_as_user_errors(out):
         return _write_locked(src, out, sources, fingerprint, maxcount=maxcount, workers=workers, seed=seed,
-                             labels=labels, max_side=max_side, resume=resume, progress=progress, started=started)
+                             labels=labels, max_side=max_side, resume=resume, progress=progress, started=started,
+                             follow_links=follow_links)
 
 
 def _write_locked(src, out: Path, sources: SourceList, fingerprint: str, *, maxcount: int, workers: int,
-                  seed: int, labels, max_side: int | None, resume: bool, progress: bool, started: float) -> dict:
+                  seed: int, labels, max_side: int | None, resume: bool, progress: bool, started: float,
+                  follow_links: bool) -> dict:
     finished = _finished_manifest(out, fingerprint, resume)
     if finished is not None:
         shutil.rmtree(out / PARTIAL, ignore_errors=True)
@@ -122,7 +128,8 @@ def _write_locked(src, out: Path, sources: SourceList, fingerprint: str, *, maxc
         manifest = _finalize(out, sources, records, skipped, fingerprint, width,
                              {"src": str(Path(src).resolve()),
                               "labels": str(Path(labels).resolve()) if labels else None,
-                              "seed": seed, "maxcount": maxcount, "max_side": max_side})
+                              "seed": seed, "maxcount": maxcount, "max_side": max_side,
+                              "follow_links": follow_links})
         shutil.rmtree(partial, ignore_errors=True)
     except KeyboardInterrupt:
         if builder is not None:

@@ -480,3 +480,63 @@ def test_ctrl_c_during_shard_is_one_line_exit_130_and_resume_finishes(small_src,
     again = _main(*args[3:], "--resume")
     assert again.returncode == 0 and "shards kept from the interrupted run" in again.stdout, again.stderr
     assert ShardDataset(out).num_samples == 40 and verify_shards(out)["ok"]
+
+
+# ------------------------------------------------------------------------------ 11. --follow-links
+
+def test_a_symlink_farm_is_ignored_by_default_and_sharded_with_follow_links(small_src, tmp_path):
+    """ImageNet-100 style: class folders of links into the full tree, and a class folder that is a link."""
+    full = sorted(small_src.iterdir())  # 4 classes x 10 JPEGs, outside the farm
+    farm = tmp_path / "farm"
+    for cls in full[:2]:
+        (farm / cls.name).mkdir(parents=True)
+        for image in sorted(cls.iterdir())[:5]:
+            (farm / cls.name / image.name).symlink_to(image)
+    (farm / full[2].name).symlink_to(full[2])
+    expected = sorted([f"{cls.name}/{image.name}" for cls in full[:2] for image in sorted(cls.iterdir())[:5]]
+                      + [f"{full[2].name}/{image.name}" for image in full[2].iterdir()])
+    with pytest.raises(UserError, match=r"no images in its 2 class folder\(s\).*; 11 symbolic link\(s\) ignored, "
+                                        r"e\.g\. .*outside SRC \(--follow-links follows links out of SRC\)$"):
+        write_shards(farm, tmp_path / "default")
+    args = ("shard", farm, tmp_path / "out", "--follow-links", "--workers", "1", "--maxcount", "8")
+    code, output = _cli(*args)
+    assert code == 0 and "done: 20 samples in 3 shards" in output and "ignored" not in output, output
+    shards = ShardDataset(tmp_path / "out")
+    classes = shards.manifest["classes"]
+    assert classes == {cls.name: label for label, cls in enumerate(full[:3])}
+    assert shards.manifest["args"]["follow_links"] is True and shards.manifest["ignored_links"] == []
+    sources = (tmp_path / "out" / "sources.txt").read_text().splitlines()
+    assert sorted(sources) == expected
+    for sample_id, path in enumerate(sources):
+        jpeg, label = shards.read(sample_id)
+        assert label == classes[path.split("/")[0]] and jpeg == (farm / path).read_bytes()
+    assert verify_shards(tmp_path / "out")["ok"]
+    code, output = _cli(*args)
+    assert code == 0 and "nothing to do" in output, output
+
+
+@pytest.mark.timeout(60)
+def test_follow_links_through_a_link_cycle_outside_src_takes_each_real_file_once(small_src, tmp_path):
+    images = sorted(sorted(small_src.iterdir())[0].iterdir())
+    src, outside = tmp_path / "src", tmp_path / "outside"
+    (src / "a").mkdir(parents=True)
+    (outside / "d").mkdir(parents=True)
+    (outside / "e").mkdir()
+    for k, path in enumerate([src / "a" / "0.jpg", src / "a" / "1.jpg", outside / "d" / "x0.jpg",
+                              outside / "d" / "x1.jpg", outside / "d" / "x2.jpg", outside / "e" / "y.jpg"]):
+        shutil.copy(images[k], path)
+    (src / "a" / "ext").symlink_to(outside / "d")
+    (src / "a" / "dup.jpg").symlink_to(outside / "d" / "x0.jpg")  # sorted before ext: this path takes x0
+    (outside / "d" / "back").symlink_to(src)
+    (outside / "d" / "self").symlink_to(".")
+    (outside / "d" / "up").symlink_to(tmp_path)  # contains SRC and d
+    (outside / "d" / "e").symlink_to("../e")
+    (outside / "e" / "d").symlink_to("../d")  # d -> e -> d
+    summary = write_shards(src, tmp_path / "out", maxcount=4, follow_links=True)
+    sources = (tmp_path / "out" / "sources.txt").read_text().splitlines()
+    assert sorted(sources) == ["a/0.jpg", "a/1.jpg", "a/dup.jpg", "a/ext/e/y.jpg", "a/ext/x1.jpg", "a/ext/x2.jpg"]
+    assert len({os.path.realpath(src / path) for path in sources}) == 6
+    loop = "link loop (points at a folder that contains it)"
+    assert {e["path"]: e["reason"] for e in summary["ignored_links"]} == {
+        "a/ext/back": "second path to the folder .", "a/ext/self": loop, "a/ext/up": loop,
+        "a/ext/x0.jpg": "second path to a/dup.jpg", "a/ext/e/d": "second path to the folder a/ext"}
