@@ -196,14 +196,10 @@ def boundary(ds, *, image_size: int, batch: int, dali_workers: int, dali_threads
 # --- CPU cost of the external source -------------------------------------------------------------------
 
 def profile_source(ds, repeats: int = 7) -> dict:
-    """Microseconds per sample of `AugmentSource.__call__` and of its parts, in this process."""
+    """Microseconds per sample of `AugmentSource.sample` and of its parts, in this process."""
     from dali_pipelines.augment import RngBank, draw_views, moco_views, sample_rng
     from dali_pipelines.external import AugmentSource, ShardReader, draw_positive
     from test_pipelines import straightforward_view  # the draws as first written, for 'before'
-
-    class Info:
-        idx_in_epoch = 0
-        epoch_idx = 0
 
     table = random_table(ds, k=8)
 
@@ -234,8 +230,7 @@ def profile_source(ds, repeats: int = 7) -> dict:
 
         def call_all():
             for i in range(count):
-                Info.idx_in_epoch = i
-                source(Info)
+                source.sample(i)
 
         share = source.share(0)
 

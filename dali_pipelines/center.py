@@ -19,14 +19,14 @@ from nvidia.dali import pipeline_def
 from dali_pipelines.epochs import PAD_ID, eval_share
 from dali_pipelines.external import IdListSource, ShardReader
 from dali_pipelines.loader import BatchStream, ClosedOnExit, Settings, as_dataset
-from dali_pipelines.ops import center_view, decode
+from dali_pipelines.ops import center_view, decode, source_kwargs
 from shards.errors import UserError
 
 
 @pipeline_def
 def center_graph(source, image_size, gpu, dali_dtype, parallel, hw_decoder_load=0.65):
-    jpeg, roi, meta = fn.external_source(source=source, num_outputs=3, batch=False, parallel=parallel,
-                                         dtype=[types.UINT8, types.FLOAT, types.INT64])
+    jpeg, roi, meta = fn.external_source(source=source, num_outputs=3, batch=True,
+                                         dtype=[types.UINT8, types.FLOAT, types.INT64], **source_kwargs(parallel))
     return center_view(decode(jpeg, gpu, hw_decoder_load), roi, image_size, dali_dtype), meta.gpu() if gpu else meta
 
 
@@ -76,7 +76,7 @@ class FeatureLoader(ClosedOnExit):
             yield self._finish(stream.next(), self._valid[step])
 
     def _build(self) -> BatchStream:
-        source = IdListSource(self._reader, self.ids, self.image_size)
+        source = IdListSource(self._reader, self.ids, self.image_size, self.local_batch)
         s = self.settings
         pipe = center_graph(source, self.image_size, s.gpu, s.dali_dtype, s.parallel, s.hw_decoder_load,
                             **s.pipeline_kwargs(self.local_batch, 2))

@@ -19,6 +19,12 @@ _MEAN_255 = [255 * m for m in IMAGENET_MEAN]
 _STD_255 = [255 * s for s in IMAGENET_STD]
 
 
+def source_kwargs(parallel: bool) -> dict:
+    """external_source arguments for a batch source: in the worker processes, two batches at a
+    time (each batch is one worker's)."""
+    return dict(parallel=True, prefetch_queue_depth=2) if parallel else dict(parallel=False)
+
+
 def decode(jpegs, gpu: bool, hw_decoder_load: float = 0.65):
     """JPEG -> uint8 HWC RGB; on the GPU `hw_decoder_load` of the images go to the hardware JPEG
     decoder (A100, H100, H200), the rest to the hybrid CPU-Huffman + CUDA decoder."""

@@ -21,7 +21,7 @@ from dali_pipelines.augment import MOCO_SCALE, ViewSpec, moco_views
 from dali_pipelines.external import AugmentSource, TableBook, epoch_pointer, publish_table
 from dali_pipelines.loader import BatchStream, EpochLoader, Scratch
 from dali_pipelines.names import anchor_view_names, positive_view_names
-from dali_pipelines.ops import augmented_view, decode
+from dali_pipelines.ops import augmented_view, decode, source_kwargs
 
 _SOURCE_DTYPES = [types.UINT8, types.FLOAT, types.INT32, types.INT64]
 
@@ -30,8 +30,8 @@ _SOURCE_DTYPES = [types.UINT8, types.FLOAT, types.INT32, types.INT64]
 def augment_graph(source, anchor_views, positive_views, gpu, dali_dtype, parallel, hw_decoder_load=0.65):
     """Outputs: one per anchor view, `meta` (id, label); then one per positive view and `pos_id`.
     On the GPU every output is a GPU tensor (the small int64 ones are copied by DALI)."""
-    outs = fn.external_source(source=source, num_outputs=4 * (1 + bool(positive_views)), batch=False,
-                              parallel=parallel, dtype=_SOURCE_DTYPES * (1 + bool(positive_views)))
+    outs = fn.external_source(source=source, num_outputs=4 * (1 + bool(positive_views)), batch=True,
+                              dtype=_SOURCE_DTYPES * (1 + bool(positive_views)), **source_kwargs(parallel))
     jpeg, params, flips, meta = outs[:4]
     image = decode(jpeg, gpu, hw_decoder_load)
     result = [augmented_view(image, params, flips, v, spec, dali_dtype) for v, spec in enumerate(anchor_views)]

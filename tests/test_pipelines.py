@@ -246,14 +246,10 @@ def test_graph_applies_the_drawn_parameters(parallel_run, table, dataset):
                            start=0, anchor_views=moco_views(SIZE, (24, 16)),
                            positive_views=moco_views(SIZE, (24, 16)), tables=FixedTable(table))
 
-    class Info:
-        epoch_idx = 0
-
     batch = parallel_run[0][0]
     errors, checked, seen = [], 0, set()
     for i in range(BATCH):
-        Info.idx_in_epoch = i
-        jpeg, params, flips, meta, pjpeg, pparams, pflips, pos_id = source(Info)
+        jpeg, params, flips, meta, pjpeg, pparams, pflips, pos_id = source.sample(i)
         assert meta[0] == batch["id"][i] and pos_id[0] == batch["pos_id"][i]
         for name, v, data, p, f in (("q", 0, jpeg, params, flips), ("k", 1, jpeg, params, flips),
                                     ("q_r16", 3, jpeg, params, flips), ("pos", 0, pjpeg, pparams, pflips)):
