@@ -48,7 +48,9 @@ class RunLog:
 
 
 class ThroughputMeter:
-    """Wall time split into waiting for data and the rest, over a window of steps."""
+    """Wall time split into waiting for data and the rest, over a window of steps. The step does not
+    wait for the GPU, so the CPU may wait for data while the GPU still works on a queued step: the
+    wait share is an upper bound of the GPU's idle share."""
 
     def __init__(self):
         self.reset()
