@@ -13,8 +13,9 @@
 #   data        15,400 ImageNet-like JPEGs (~110 KB, 350-500 px; photos.IMAGENET_LIKE) -> `cli shard`
 #               and 5,000 small JPEGs (28-36 px, digit-sized) -> a second shard set
 #   train_step  bench/train_step.py --full  (RN50, 224 px, batch 256, fp16; moco_v2, clim,
-#               clim_multires: synthetic ceiling vs real data, data-wait share; moco_v2's real rows
-#               again at 4 workers / 12 DALI threads with hardware decoder shares 0.65 and 1.0)
+#               clim_multires: synthetic ceiling vs real data, data-wait share; a profile of moco_v2's
+#               real steps (DALI's kernels beside the step's); moco_v2's real rows again at 4 workers /
+#               12 DALI threads with hardware decoder shares 0.65 and 1.0)
 #   train       `cli train --preset clim_multires` on those shards (60 steps an epoch), two online
 #               mining rounds, SIGTERM early in the last epoch (epoch 3; SMALL: 2), then `--resume auto`
 #               to the end;
@@ -212,9 +213,9 @@ if [ "${1:-}" = "__step" ]; then
                 ${deselect[@]+"${deselect[@]}"} ;;
         data) body_data; exit $? ;;
         train) body_train; exit $? ;;
-        train_step) exec "$PY" bench/train_step.py "${TRAIN_STEP_ARGS[@]}" "${LOADER_VARIANTS[@]}" \
+        train_step) exec "$PY" bench/train_step.py "${TRAIN_STEP_ARGS[@]}" "${LOADER_VARIANTS[@]}" --profile-real moco_v2 \
                         --shards "$WORK/shards" --json "$WORK/train_step.json" ;;
-        train_step_small) exec "$PY" bench/train_step.py "${SMALL_STEP_ARGS[@]}" --presets moco_v2,clim \
+        train_step_small) exec "$PY" bench/train_step.py "${SMALL_STEP_ARGS[@]}" --presets moco_v2,clim --profile-real moco_v2 \
                         --shards "$WORK/small_shards" --json "$WORK/train_step_small.json" ;;
         compile) exec "$PY" bench/train_step.py "${TRAIN_STEP_ARGS[@]}" --synthetic-only --presets clim_multires \
                     --variants compile --json "$WORK/train_step_compile.json" ;;

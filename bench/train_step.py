@@ -94,6 +94,8 @@ def measure(run_step, batches, cfg, device, *, warmup: int, steps: int, seconds:
 
 
 KERNEL_FAMILIES = [  # (family, substrings of kernel names), first match wins
+    ("DALI (decode, augmentations)", ("dali", "nvjpeg", "jpeg", "resize", "crop_mirror", "gaussian", "color",
+                                      "hwdecode", "idct", "huffman")),
     ("convolution", ("conv", "cudnn", "implicit_gemm", "sm90_xmma", "dgrad", "wgrad", "fprop", "nhwc")),
     ("batch norm", ("batch_norm", "batchnorm", "bn_fw", "bn_bw")),
     ("matmul", ("gemm", "cublas", "cutlass")),
@@ -104,8 +106,9 @@ KERNEL_FAMILIES = [  # (family, substrings of kernel names), first match wins
 
 
 def profile_steps(run_step, batches, cfg, device, *, warmup: int, steps: int = 3) -> dict:
-    """GPU time of `steps` steps after warm-up, by kernel family and the top kernels, plus the
-    share of the wall time the GPU was busy (torch.profiler, CUDA activity)."""
+    """GPU time of `steps` steps after warm-up, by kernel family and the top kernels, and the sum
+    of all kernel times against the wall time (torch.profiler, CUDA activity; kernels of DALI's
+    stream and torch's may overlap, so the sum can pass the wall time)."""
     from torch.profiler import ProfilerActivity, profile
 
     measure(run_step, batches, cfg, device, warmup=warmup, steps=1, seconds=1e9)
@@ -143,13 +146,21 @@ def profile_steps(run_step, batches, cfg, device, *, warmup: int, steps: int = 3
             "top_kernels_ms_per_step": [[n, round(us / 1000 / steps, 3)] for n, us in top]}
 
 
-def measure_real(run_step, data, table, cfg, device, **timing) -> dict:
-    """`measure` on the training loader's batches (a same-label neighbour table for positives)."""
+def measure_real(run_step, data, table, cfg, device, profile: bool = False, **timing) -> dict:
+    """`measure` on the training loader's batches (a same-label neighbour table for positives);
+    with `profile`, also `profile_steps` on them (where the GPU time goes with DALI beside the step)."""
     loader = data.loader(cfg, 0, 1, device, None)
     if cfg.uses_positives:
         loader.set_table(table)
     try:
-        return measure(run_step, real_batches(loader), cfg, device, **timing)
+        batches = real_batches(loader)
+        row = measure(run_step, batches, cfg, device, **timing)
+        if profile:
+            try:
+                row["profile"] = profile_steps(run_step, batches, cfg, device, warmup=0)
+            except Exception as error:  # noqa: BLE001 - a profiler problem must not lose the row
+                row["profile_error"] = repr(error)
+        return row
     finally:
         loader.close()
 
@@ -193,6 +204,8 @@ def main() -> None:
     ap.add_argument("--loader-variants", default="", help="extra real rows with other loader settings, "
                     "WORKERS:DALI_THREADS:HW_DECODER_LOAD,... (e.g. 4:12:0.65,4:12:0.9)")
     ap.add_argument("--loader-presets", default="moco_v2", help="presets of the --loader-variants rows")
+    ap.add_argument("--profile-real", default="", help="presets whose real rows are also profiled (GPU time by "
+                    "kernel family, DALI's kernels included; comma-separated)")
     ap.add_argument("--synthetic-only", action="store_true", help="no real rows (no DALI needed)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
@@ -230,7 +243,8 @@ def main() -> None:
                 if args.json:
                     Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
                 continue
-            row["real"] = measure_real(run_step, data, table, cfg, device, warmup=warmup, steps=steps, seconds=box)
+            row["real"] = measure_real(run_step, data, table, cfg, device, profile=preset in args.profile_real.split(","),
+                                       warmup=warmup, steps=steps, seconds=box)
             row["real_over_synthetic"] = row["real"]["anchors_per_s"] / row["synthetic"]["anchors_per_s"]
             results["runs"].append(row)
             print(json.dumps(row), flush=True)
