@@ -491,3 +491,25 @@ def test_gpu_feature_and_linear_loaders_match_cpu(dataset):
                 assert (a["image"] - b["image"].cpu()).abs().mean() * 255 * 0.226 < 3
         assert gpu._stream.next_step == 2 * len(gpu)  # one pipeline for both passes
         cpu.close(), gpu.close()
+
+
+@pytest.mark.gpu
+def test_gpu_batches_stay_intact_while_the_gpu_is_behind(dataset, table):
+    """The CPU takes batches while the GPU is still busy with work queued before it reads them (as
+    an asynchronous training step leaves it): DALI must not reuse a buffer the GPU has yet to read.
+    Copies queued behind a GPU sleep equal the copies of a loader read in lockstep."""
+    kwargs = dict(batch_size=BATCH, image_size=SIZE, workers=1, table=table, seed=7, device=torch.device("cuda"),
+                  dtype=torch.float32)  # float32: the batch tensors are DALI's own buffers (no cast)
+    behind, lockstep = [], []
+    with PretrainLoader(dataset, **kwargs) as loader:
+        for batch in loader:
+            torch.cuda._sleep(20_000_000)  # keeps the stream busy for about 10 ms before the copy runs
+            behind.append({key: batch[key].clone() for key in ("q", "pos", "id")})
+    with PretrainLoader(dataset, **kwargs) as loader:
+        for batch in loader:
+            lockstep.append({key: batch[key].clone() for key in ("q", "pos", "id")})
+            torch.cuda.synchronize()
+    torch.cuda.synchronize()
+    assert len(behind) == len(lockstep) > 2
+    for a, b in zip(behind, lockstep):
+        assert all(torch.equal(a[key], b[key]) for key in a)
