@@ -146,6 +146,14 @@ def profile_steps(run_step, batches, cfg, device, *, warmup: int, steps: int = 3
             "top_kernels_ms_per_step": [[n, round(us / 1000 / steps, 3)] for n, us in top]}
 
 
+def try_profile(run_step, batches, cfg, device, *, warmup: int) -> dict:
+    """{"profile": ...}, or {"profile_error": ...}: a profiler problem must not lose the row."""
+    try:
+        return {"profile": profile_steps(run_step, batches, cfg, device, warmup=warmup)}
+    except Exception as error:  # noqa: BLE001
+        return {"profile_error": repr(error)}
+
+
 def measure_real(run_step, data, table, cfg, device, profile: bool = False, **timing) -> dict:
     """`measure` on the training loader's batches (a same-label neighbour table for positives);
     with `profile`, also `profile_steps` on them (where the GPU time goes with DALI beside the step)."""
@@ -156,10 +164,7 @@ def measure_real(run_step, data, table, cfg, device, profile: bool = False, **ti
         batches = real_batches(loader)
         row = measure(run_step, batches, cfg, device, **timing)
         if profile:
-            try:
-                row["profile"] = profile_steps(run_step, batches, cfg, device, warmup=0)
-            except Exception as error:  # noqa: BLE001 - a profiler problem must not lose the row
-                row["profile_error"] = repr(error)
+            row.update(try_profile(run_step, batches, cfg, device, warmup=0))
         return row
     finally:
         loader.close()
@@ -223,6 +228,13 @@ def main() -> None:
     results = {"machine": machine_info(), "device": str(device), "arch": arch, "image_size": size,
                "batch": batch, "warmup": warmup, "runs": []}
     print(json.dumps(results["machine"]))
+
+    def record(row: dict) -> None:  # printed and written at once: a cut-off run keeps its rows
+        results["runs"].append(row)
+        print(json.dumps(row), flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+
     with tempfile.TemporaryDirectory() as tmp:
         data = table = None
         if not args.synthetic_only:
@@ -237,19 +249,14 @@ def main() -> None:
             run_step = build(cfg, device)
             row = {"preset": preset, "synthetic": measure(run_step, repeat(synthetic_batch(cfg, device)), cfg,
                                                           device, warmup=warmup, steps=steps, seconds=box)}
-            print(json.dumps(row), flush=True)
             if data is None:
-                results["runs"].append(row)
-                if args.json:
-                    Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+                record(row)
                 continue
+            print(json.dumps(row), flush=True)
             row["real"] = measure_real(run_step, data, table, cfg, device, profile=preset in args.profile_real.split(","),
                                        warmup=warmup, steps=steps, seconds=box)
             row["real_over_synthetic"] = row["real"]["anchors_per_s"] / row["synthetic"]["anchors_per_s"]
-            results["runs"].append(row)
-            print(json.dumps(row), flush=True)
-            if args.json:
-                Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+            record(row)
         ceiling = {r["preset"]: r["synthetic"]["anchors_per_s"] for r in results["runs"]}
         for setting in filter(None, args.loader_variants.split(",")) if data is not None else []:
             w, t, h = setting.split(":")
@@ -262,10 +269,7 @@ def main() -> None:
                                             steps=steps, seconds=box)}
                 if preset in ceiling:
                     row["real_over_synthetic"] = row["real"]["anchors_per_s"] / ceiling[preset]
-                results["runs"].append(row)
-                print(json.dumps(row), flush=True)
-                if args.json:
-                    Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+                record(row)
         for variant in filter(None, args.variants.split(",")):
             cfg = make_config("clim_multires", dict(arch=arch, image_size=size, batch_size=batch,
                                                     queue_size=batch * 16, compile=variant == "compile",
@@ -277,17 +281,11 @@ def main() -> None:
             batches = repeat(synthetic_batch(cfg, device))
             row = {"preset": "clim_multires", "variant": variant}
             if variant == "profile":
-                try:
-                    row["profile"] = profile_steps(run_step, batches, cfg, device, warmup=warmup)
-                except Exception as error:  # noqa: BLE001 - a profiler problem must not lose the other rows
-                    row["profile_error"] = repr(error)
+                row.update(try_profile(run_step, batches, cfg, device, warmup=warmup))
             else:
                 row["synthetic"] = measure(run_step, batches, cfg, device, warmup=warmup, steps=steps,
                                            seconds=box)
-            results["runs"].append(row)
-            print(json.dumps(row), flush=True)
-            if args.json:
-                Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+            record(row)
 
 
 if __name__ == "__main__":
