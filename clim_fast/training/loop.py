@@ -74,6 +74,13 @@ class ShardData:
         return OnlineMining(cfg, self.dataset, run_dir, device)
 
 
+def load_table(path, data) -> NeighbourTable:
+    """The neighbour table at `path`; UserError unless it was mined on these shards."""
+    table = NeighbourTable.load(path)
+    table.check_matches(data.dataset_id, data.num_samples, path)
+    return table
+
+
 def lr_at(cfg: Config, iteration: int, total_iters: int, steps_per_epoch: int) -> float:
     """Linear warmup over warmup_epochs, then cosine to 0 per iteration (or constant)."""
     warm = cfg.warmup_epochs * steps_per_epoch
@@ -104,7 +111,7 @@ def run_training(cfg: Config, shards, out: str | Path, *, gpus: int = 0, cpu_pro
         raise UserError(f"--set queue_size={cfg.queue_size}: the queue must be a multiple of the global batch "
                         f"{cfg.batch_size}")
     if cfg.init_table:
-        NeighbourTable.load(cfg.init_table).check_matches(data.dataset_id, data.num_samples, cfg.init_table)
+        load_table(cfg.init_table, data)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a folder")
     with os_errors_as_user_errors(out):
@@ -194,8 +201,7 @@ def train_worker(local_rank: int, launch: Launch, cfg: Config, data, out: Path, 
                         loader.set_table(table)
                     elif positives_active(cfg, epoch) and table is None:
                         path = state.table_path or cfg.init_table
-                        table = NeighbourTable.load(path)
-                        table.check_matches(data.dataset_id, data.num_samples, path)
+                        table = load_table(path, data)
                         state.table_path = str(path)
                         loader.set_table(table)
                     loader.set_epoch(epoch, start_step=state.step)
