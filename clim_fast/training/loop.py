@@ -196,7 +196,6 @@ def train_worker(local_rank: int, launch: Launch, cfg: Config, data, out: Path, 
                     round_record = None
                     if is_refresh_epoch(cfg, epoch) and state.step == 0:
                         table, path, round_record = mining(step_fn, epoch)
-                        model.train()
                         state.table_path = str(path)
                         loader.set_table(table)
                     elif positives_active(cfg, epoch) and table is None:
