@@ -71,6 +71,7 @@ class OnlineMining:
         """One round. Returns (NeighbourTable, its path, the round's log record) on every rank."""
         cfg, n = self.cfg, self.dataset.num_samples
         clusters, k, warnings = clamp_sizes(n, cfg.clusters, cfg.knn_k)
+        engine = "faiss" if cfg.mine_engine == "faiss" else "torch"  # auto: torch on any device (unlike offline mining)
         t0 = time.perf_counter()
         failure, feats, first_batch_s = None, None, []
 
@@ -93,14 +94,13 @@ class OnlineMining:
         has_labels = bool(dd.all_reduce_sum(torch.tensor([int((labels < 0).sum())])).item() == 0)
         table, fallback, nearest, all_labels, timings = mine_round(
             feats.to(self.device), ids, labels if has_labels else None, n, clusters=clusters, k=k,
-            seed=cfg.seed + epoch, search=block_search(cfg.mine_engine))
+            seed=cfg.seed + epoch, search=block_search(engine))
         del feats
         if self.device.type == "cuda":  # hand the search blocks' cache back to training
             torch.cuda.empty_cache()
         table.meta = dict(dataset_id=self.dataset.dataset_id, num_samples=n, epoch=int(epoch), feature=cfg.mine_feature,
                           checkpoint="", arch=cfg.arch, image_size=cfg.image_size, clusters=int(clusters), k=int(k),
-                          engine="faiss" if cfg.mine_engine == "faiss" else "torch", seed=cfg.seed + epoch,
-                          world_size=self.world, warnings=warnings)
+                          engine=engine, seed=cfg.seed + epoch, world_size=self.world, warnings=warnings)
         stats = table_stats(table, fallback, clusters, all_labels, nearest)
         table.meta["stats"] = stats
         path = table_path(self.run_dir, epoch)
@@ -111,7 +111,7 @@ class OnlineMining:
             for w in warnings:
                 print(f"mining warning: {w}", file=sys.stderr, flush=True)
             print(f"mined epoch {epoch}: {format_stats(stats)} -> {path}", file=sys.stderr, flush=True)
-        record = dict(kind="mine", epoch=int(epoch), table=str(path), engine=table.meta["engine"], feature_s=feature_s,
+        record = dict(kind="mine", epoch=int(epoch), table=str(path), engine=engine, feature_s=feature_s,
                       feature_first_batch_s=first_batch_s[0] if first_batch_s else 0.0,
                       **timings, **stats)
         return table, path, record

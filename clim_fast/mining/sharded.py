@@ -126,8 +126,7 @@ def knn(x: torch.Tensor, ids: torch.Tensor, k: int, search) -> tuple[torch.Tenso
 def block_search(engine: str):
     """search(queries, block, kk) -> (sims, rows of block) for sharded.knn: the top-kk of each
     query among a block's rows (no self exclusion: ids there are global), ties by smaller row.
-    torch: Triton on CUDA when available; faiss: faiss on the queries' data."""
-    engine = "faiss" if engine == "faiss" else "torch"
+    "faiss": faiss on the queries' data; any other engine: torch (Triton on CUDA when available)."""
 
     def search(queries: torch.Tensor, block: torch.Tensor, kk: int):
         none = torch.full((queries.shape[0],), -1, dtype=torch.int64)
