@@ -72,28 +72,9 @@ class OnlineMining:
         cfg, n = self.cfg, self.dataset.num_samples
         clusters, k, warnings = clamp_sizes(n, cfg.clusters, cfg.knn_k)
         engine = "faiss" if cfg.mine_engine == "faiss" else "torch"  # auto: torch on any device (unlike offline mining)
-        t0 = time.perf_counter()
-        failure, feats, first_batch_s = None, None, []
-
-        def timed(loader):  # the first batch's wait holds a pipeline build (once per process)
-            for batch in loader:
-                if not first_batch_s:
-                    first_batch_s.append(time.perf_counter() - t0)
-                yield batch
-
-        try:
-            feats, ids, labels = encode_share(momentum_features(model, cfg.mine_feature), timed(self.loader()))
-        except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
-            failure = e
-        dd.raise_if_any_failed(failure, "mining (feature pass)")
-        feats = agree_width(feats)
-        check_coverage(ids, n)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        feature_s = time.perf_counter() - t0
-        has_labels = bool(dd.all_reduce_sum(torch.tensor([int((labels < 0).sum())])).item() == 0)
+        feats, ids, labels, feature_timings = self._features(model)
         table, fallback, nearest, all_labels, timings = mine_round(
-            feats.to(self.device), ids, labels if has_labels else None, n, clusters=clusters, k=k,
+            feats.to(self.device), ids, labels, n, clusters=clusters, k=k,
             seed=cfg.seed + epoch, search=block_search(engine))
         del feats
         if self.device.type == "cuda":  # hand the search blocks' cache back to training
@@ -111,10 +92,35 @@ class OnlineMining:
             for w in warnings:
                 print(f"mining warning: {w}", file=sys.stderr, flush=True)
             print(f"mined epoch {epoch}: {format_stats(stats)} -> {path}", file=sys.stderr, flush=True)
-        record = dict(kind="mine", epoch=int(epoch), table=str(path), engine=engine, feature_s=feature_s,
-                      feature_first_batch_s=first_batch_s[0] if first_batch_s else 0.0,
-                      **timings, **stats)
+        record = dict(kind="mine", epoch=int(epoch), table=str(path), engine=engine, **feature_timings, **timings,
+                      **stats)
         return table, path, record
+
+    def _features(self, model):
+        """The feature pass: this rank's (features, ids, labels or None unless every sample has one,
+        timings). A failure on one rank raises on every rank."""
+        t0 = time.perf_counter()
+        failure, first_batch_s = None, []
+
+        def timed(loader):  # the first batch's wait holds a pipeline build (once per process)
+            for batch in loader:
+                if not first_batch_s:
+                    first_batch_s.append(time.perf_counter() - t0)
+                yield batch
+
+        try:
+            feats, ids, labels = encode_share(momentum_features(model, self.cfg.mine_feature), timed(self.loader()))
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+            failure = e
+        dd.raise_if_any_failed(failure, "mining (feature pass)")
+        feats = agree_width(feats)
+        check_coverage(ids, self.dataset.num_samples)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        timings = dict(feature_s=time.perf_counter() - t0,
+                       feature_first_batch_s=first_batch_s[0] if first_batch_s else 0.0)
+        has_labels = bool(dd.all_reduce_sum(torch.tensor([int((labels < 0).sum())])).item() == 0)
+        return feats, ids, labels if has_labels else None, timings
 
     def _save(self, table, path: Path) -> None:
         try:
