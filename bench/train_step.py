@@ -207,7 +207,8 @@ def main() -> None:
                     "no_cudnn_benchmark, compile, bf16, profile (comma-separated; profile: where the GPU time "
                     "of a step goes, by kernel family)")
     ap.add_argument("--loader-variants", default="", help="extra real rows with other loader settings, "
-                    "WORKERS:DALI_THREADS:HW_DECODER_LOAD,... (e.g. 4:12:0.65,4:12:0.9)")
+                    "WORKERS:DALI_THREADS:DECODER,... where DECODER is the hardware decoder's share or cpu "
+                    "(config cpu_decode) (e.g. 4:12:0.65,4:12:cpu)")
     ap.add_argument("--loader-presets", default="moco_v2", help="presets of the --loader-variants rows")
     ap.add_argument("--profile-real", default="", help="presets whose real rows are also profiled (GPU time by "
                     "kernel family, DALI's kernels included; comma-separated)")
@@ -260,11 +261,13 @@ def main() -> None:
         ceiling = {r["preset"]: r["synthetic"]["anchors_per_s"] for r in results["runs"]}
         for setting in filter(None, args.loader_variants.split(",")) if data is not None else []:
             w, t, h = setting.split(":")
+            loader = dict(workers=int(w), dali_threads=int(t), cpu_decode=h == "cpu")
+            if h != "cpu":
+                loader["hw_decoder_load"] = float(h)
             for preset in args.loader_presets.split(","):
                 cfg = make_config(preset, dict(arch=arch, image_size=size, batch_size=batch, queue_size=batch * 16,
-                                               workers=int(w), dali_threads=int(t), hw_decoder_load=float(h)))
-                row = {"preset": preset, "loader": {"workers": int(w), "dali_threads": int(t),
-                                                    "hw_decoder_load": float(h)},
+                                               **loader))
+                row = {"preset": preset, "loader": loader,
                        "real": measure_real(build(cfg, device), data, table, cfg, device, warmup=warmup,
                                             steps=steps, seconds=box)}
                 if preset in ceiling:

@@ -32,6 +32,7 @@ class Config:
     workers: int = 4  # DALI external-source worker processes per rank
     dali_threads: int = 4  # DALI's CPU threads (Huffman decoding of the JPEGs the hardware decoder leaves)
     hw_decoder_load: float = 0.65  # share of JPEGs for the GPU's hardware decoder (DALI's default)
+    cpu_decode: bool = False  # GPU runs: decode on DALI's CPU threads instead (small images), views on the GPU
     crop_min_scale: float = 0.2  # RandomResizedCrop lower scale bound (MoCo v2: 0.2)
     # model (MoCo v2)
     arch: str = "resnet50"

@@ -40,7 +40,7 @@ class LinearTrainLoader(EpochLoader):
                                start=first_step * self.local_batch, anchor_views=(self.view,))
         s = self.settings
         pipe = augment_graph(source, (self.view,), (), s.gpu, s.dali_dtype, s.parallel, s.hw_decoder_load,
-                             **s.pipeline_kwargs(self.local_batch, 2))
+                             s.cpu_decode, **s.pipeline_kwargs(self.local_batch, 2))
         return BatchStream(pipe, ("q", "meta"), s, first_step=first_step, depth=2, source=source,
                            local_batch=self.local_batch, dataset=self.dataset)
 

@@ -62,10 +62,11 @@ def pipeline_device_id(device: torch.device) -> int | None:
 
 
 class Settings:
-    """What every loader shares: device, output dtype, CPU workers, DALI threads and the share of
-    JPEGs for the GPU's hardware decoder."""
+    """What every loader shares: device, output dtype, CPU workers, DALI threads, and where JPEGs
+    are decoded on a GPU (`ops.decode`: the share for the hardware decoder, or all on the CPU)."""
 
-    def __init__(self, device, dtype: torch.dtype, workers: int, threads: int, hw_decoder_load: float = 0.65):
+    def __init__(self, device, dtype: torch.dtype, workers: int, threads: int, hw_decoder_load: float = 0.65,
+                 cpu_decode: bool = False):
         self.device = torch.device(device)
         self.device_id = pipeline_device_id(self.device)
         self.gpu = self.device_id is not None
@@ -75,6 +76,7 @@ class Settings:
         if not 0.0 <= hw_decoder_load <= 1.0:
             raise UserError(f"hw_decoder_load: must be in [0, 1], got {hw_decoder_load}")
         self.hw_decoder_load = float(hw_decoder_load)
+        self.cpu_decode = bool(cpu_decode)
 
     def pipeline_kwargs(self, local_batch: int, depth: int) -> dict:
         return dict(batch_size=local_batch, num_threads=self.threads, device_id=self.device_id,
@@ -262,14 +264,15 @@ class EpochLoader(ClosedOnExit):
     settings, the steps of an epoch, `set_epoch`)."""
 
     def __init__(self, dataset, *, batch_size: int, image_size: int, rank: int, world_size: int, device, seed: int,
-                 workers: int, threads: int, dtype: torch.dtype, hw_decoder_load: float = 0.65):
+                 workers: int, threads: int, dtype: torch.dtype, hw_decoder_load: float = 0.65,
+                 cpu_decode: bool = False):
         self.dataset = as_dataset(dataset)
         self.num_samples = self.dataset.num_samples
         self.global_batch, self.rank, self.world_size = int(batch_size), int(rank), int(world_size)
         self.local_batch = check_batch(self.num_samples, self.global_batch, self.world_size)
         if not 0 <= self.rank < self.world_size:
             raise UserError(f"rank {rank}: outside 0..{world_size - 1}")
-        self.settings = Settings(device, dtype, workers, threads, hw_decoder_load)
+        self.settings = Settings(device, dtype, workers, threads, hw_decoder_load, cpu_decode)
         self.image_size, self.seed = int(image_size), int(seed)
         self.steps = steps_per_epoch(self.num_samples, self.global_batch)
         self.epoch, self.start_step = 0, 0

@@ -25,11 +25,14 @@ def source_kwargs(parallel: bool) -> dict:
     return dict(parallel=True, prefetch_queue_depth=2) if parallel else dict(parallel=False)
 
 
-def decode(jpegs, gpu: bool, hw_decoder_load: float = 0.65):
-    """JPEG -> uint8 HWC RGB; on the GPU `hw_decoder_load` of the images go to the hardware JPEG
-    decoder (A100, H100, H200), the rest to the hybrid CPU-Huffman + CUDA decoder."""
-    if not gpu:
-        return fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
+def decode(jpegs, gpu: bool, hw_decoder_load: float = 0.65, cpu_decode: bool = False):
+    """JPEG -> uint8 HWC RGB. On the GPU (`gpu`) `hw_decoder_load` of the images go to the hardware
+    JPEG decoder (A100, H100, H200), the rest to the hybrid CPU-Huffman + CUDA decoder; with
+    `cpu_decode` DALI's CPU threads decode (libjpeg-turbo) and the pixels go to the GPU for the
+    views: for small images, where nvJPEG's cost per image outweighs the decode itself."""
+    if not gpu or cpu_decode:
+        image = fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
+        return image.gpu() if gpu else image
     return fn.decoders.image(jpegs, device="mixed", output_type=types.RGB, hw_decoder_load=hw_decoder_load)
 
 

@@ -27,18 +27,19 @@ _SOURCE_DTYPES = [types.UINT8, types.FLOAT, types.INT32, types.INT64]
 
 
 @pipeline_def(enable_conditionals=True)
-def augment_graph(source, anchor_views, positive_views, gpu, dali_dtype, parallel, hw_decoder_load=0.65):
+def augment_graph(source, anchor_views, positive_views, gpu, dali_dtype, parallel, hw_decoder_load=0.65,
+                  cpu_decode=False):
     """Outputs: one per anchor view, `meta` (id, label); then one per positive view and `pos_id`.
     On the GPU every output is a GPU tensor (the small int64 ones are copied by DALI)."""
     outs = fn.external_source(source=source, num_outputs=4 * (1 + bool(positive_views)), batch=True,
                               dtype=_SOURCE_DTYPES * (1 + bool(positive_views)), **source_kwargs(parallel))
     jpeg, params, flips, meta = outs[:4]
-    image = decode(jpeg, gpu, hw_decoder_load)
+    image = decode(jpeg, gpu, hw_decoder_load, cpu_decode)
     result = [augmented_view(image, params, flips, v, spec, dali_dtype) for v, spec in enumerate(anchor_views)]
     result.append(meta.gpu() if gpu else meta)
     if positive_views:
         pjpeg, pparams, pflips, pos_id = outs[4:]
-        pimage = decode(pjpeg, gpu, hw_decoder_load)
+        pimage = decode(pjpeg, gpu, hw_decoder_load, cpu_decode)
         result += [augmented_view(pimage, pparams, pflips, v, spec, dali_dtype)
                    for v, spec in enumerate(positive_views)]
         result.append(pos_id.gpu() if gpu else pos_id)
@@ -72,10 +73,10 @@ class PretrainLoader(EpochLoader):
                  device=torch.device("cpu"), seed: int = 0, workers: int = 2, threads: int = 2,
                  multires_sizes=(), table=None, dtype: torch.dtype = torch.float32,
                  crop_min_scale: float = MOCO_SCALE[0], table_changes: Callable[[int], bool] | None = None,
-                 hw_decoder_load: float = 0.65):
+                 hw_decoder_load: float = 0.65, cpu_decode: bool = False):
         super().__init__(dataset, batch_size=batch_size, image_size=image_size, rank=rank, world_size=world_size,
                          device=device, seed=seed, workers=workers, threads=threads, dtype=dtype,
-                         hw_decoder_load=hw_decoder_load)
+                         hw_decoder_load=hw_decoder_load, cpu_decode=cpu_decode)
         self.multires_sizes = tuple(int(s) for s in multires_sizes)
         self.crop_min_scale = float(crop_min_scale)
         self.table_changes = table_changes
@@ -194,7 +195,7 @@ class PretrainLoader(EpochLoader):
         # the first feed prefetches `depth` steps: with positives they must lie in this epoch
         depth = 2 if not positive_views or self.steps - step >= 2 else 1
         pipe = augment_graph(source, anchor_views, positive_views, s.gpu, s.dali_dtype, s.parallel, s.hw_decoder_load,
-                             **s.pipeline_kwargs(self.local_batch, depth))
+                             s.cpu_decode, **s.pipeline_kwargs(self.local_batch, depth))
         sizes = [v.size for v in anchor_views[2:]]  # views 0 and 1 are q and k at image_size
         names = anchor_view_names(sizes) + ["meta"]
         if positive_views:

@@ -459,11 +459,13 @@ def test_rng_bank_is_default_rng_per_sample():
 
 
 @pytest.mark.gpu
-def test_gpu_pipeline_matches_cpu(dataset, table):
-    """mixed decode + GPU operators: same ids, float16 CUDA tensors close to the CPU graph's."""
+@pytest.mark.parametrize("cpu_decode", [False, True])
+def test_gpu_pipeline_matches_cpu(dataset, table, cpu_decode):
+    """mixed decode (or CPU decode) + GPU operators: same ids, float16 CUDA tensors close to the CPU
+    graph's."""
     kwargs = dict(batch_size=BATCH, image_size=SIZE, workers=1, table=table, multires_sizes=(16,), seed=5)
     cpu = PretrainLoader(dataset, **kwargs)
-    gpu = PretrainLoader(dataset, device=torch.device("cuda"), dtype=torch.float16, **kwargs)
+    gpu = PretrainLoader(dataset, device=torch.device("cuda"), dtype=torch.float16, cpu_decode=cpu_decode, **kwargs)
     for a, b in zip(cpu, gpu):
         assert b["q"].is_cuda and b["q"].dtype == torch.float16 and b["id"].is_cuda
         assert torch.equal(a["id"], b["id"].cpu()) and torch.equal(a["pos_id"], b["pos_id"].cpu())

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from clim_fast.config import MINE_ENGINES
+from clim_fast.data import loader_options
 from clim_fast.features import extract_features, momentum_features
 from clim_fast.mining.kmeans import kmeans_faiss, kmeans_torch
 from clim_fast.mining.knn import faiss_gpu_device, knn_faiss, knn_torch
@@ -91,8 +92,7 @@ def _sync(device: torch.device) -> None:
 def mine_from_model(model, cfg, dataset, *, device: torch.device, clusters: int, k: int, engine: str,
                     batch_size: int, epoch: int, checkpoint: str = ""):
     """`clim-fast mine`: features of every sample with the momentum encoder, then mine_table."""
-    loader = FeatureLoader(dataset, batch_size=batch_size, image_size=cfg.image_size, device=device,
-                           workers=cfg.workers, threads=cfg.dali_threads, hw_decoder_load=cfg.hw_decoder_load)
+    loader = FeatureLoader(dataset, batch_size=batch_size, image_size=cfg.image_size, **loader_options(cfg, device))
     try:
         feats, labels = extract_features(momentum_features(model, cfg.mine_feature), loader,
                                          dataset.num_samples)

@@ -21,7 +21,7 @@ import torch
 
 from clim_fast import distributed as dd
 from clim_fast.features import agree_width, check_coverage, encode_share, momentum_features
-from clim_fast.method.moco import image_dtype
+from clim_fast.data import loader_options
 from clim_fast.mining.select import clamp_sizes, format_stats, table_stats
 from clim_fast.mining.sharded import block_search, mine_round
 from dali_pipelines import FeatureLoader
@@ -61,10 +61,7 @@ class OnlineMining:
     def loader(self) -> FeatureLoader:
         if self._loader is None:
             self._loader = FeatureLoader(self.dataset, batch_size=self.cfg.batch_size, image_size=self.cfg.image_size,
-                                         rank=self.rank, world_size=self.world, device=self.device,
-                                         workers=self.cfg.workers, threads=self.cfg.dali_threads,
-                                         hw_decoder_load=self.cfg.hw_decoder_load,
-                                         dtype=image_dtype(self.cfg.precision, self.device))
+                                         rank=self.rank, world_size=self.world, **loader_options(self.cfg, self.device))
         return self._loader
 
     def __call__(self, model, epoch: int):

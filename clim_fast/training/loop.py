@@ -25,8 +25,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from clim_fast import distributed as dist
 from clim_fast.config import Config
+from clim_fast.data import loader_options
 from clim_fast.method.clim import CLIM
-from clim_fast.method.moco import image_dtype
 from clim_fast.mining.rounds import ROUND_PARTS, OnlineMining, is_refresh_epoch, positives_active
 from clim_fast.training.checkpoint import (capture_rng, epoch_checkpoint_name, find_resume_checkpoint, load_checkpoint,
                                            load_model_state, prune_epoch_checkpoints, restore_rng, save_checkpoint)
@@ -65,10 +65,9 @@ class ShardData:
 
     def loader(self, cfg: Config, rank: int, world_size: int, device, table_changes):
         return PretrainLoader(self.dataset, batch_size=cfg.batch_size, image_size=cfg.image_size, rank=rank,
-                              world_size=world_size, device=device, seed=cfg.seed, workers=cfg.workers,
-                              threads=cfg.dali_threads, multires_sizes=cfg.multires_sizes,
+                              world_size=world_size, seed=cfg.seed, multires_sizes=cfg.multires_sizes,
                               crop_min_scale=cfg.crop_min_scale, table_changes=table_changes,
-                              hw_decoder_load=cfg.hw_decoder_load, dtype=image_dtype(cfg.precision, device))
+                              **loader_options(cfg, device))
 
     def mining(self, cfg: Config, run_dir: Path, device):
         return OnlineMining(cfg, self.dataset, run_dir, device)
