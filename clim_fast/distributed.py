@@ -198,15 +198,6 @@ def raise_if_any_failed(error: BaseException | None, what: str) -> None:
         raise RuntimeError(f"{what} failed on rank {failed[0][0]}: {failed[0][1]}")
 
 
-def broadcast_object(obj, src: int = 0):
-    """Any picklable object from `src` to every rank."""
-    if not is_distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def all_gather_object(obj) -> list:
     if not is_distributed():
         return [obj]
