@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from clim_fast import distributed as dd
-from clim_fast.features import agree_width, check_coverage, encode_share, momentum_features
 from clim_fast.data import loader_options
+from clim_fast.features import agree_width, check_coverage, encode_share, momentum_features
 from clim_fast.mining.select import clamp_sizes, format_stats, table_stats
 from clim_fast.mining.sharded import block_search, mine_round
 from dali_pipelines import FeatureLoader
