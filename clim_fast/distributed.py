@@ -100,7 +100,7 @@ def barrier() -> None:
         dist.barrier()
 
 
-def _comm_device(t: torch.Tensor) -> torch.device:
+def _comm_device() -> torch.device:
     # NCCL only moves CUDA tensors; gloo moves CPU tensors.
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
@@ -110,7 +110,7 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     """Concatenate equal-shaped tensors from all ranks along dim 0 (rank order). No gradient."""
     if not is_distributed():
         return t
-    dev = _comm_device(t)
+    dev = _comm_device()
     # keep a channels_last batch channels_last: .contiguous() alone would copy it back to NCHW
     fmt = torch.channels_last if t.ndim == 4 and t.is_contiguous(memory_format=torch.channels_last) else \
         torch.contiguous_format
@@ -153,7 +153,7 @@ def broadcast_tensor(t: torch.Tensor, src: int = 0) -> torch.Tensor:
     """Rank `src`'s tensor on every rank (same shape and dtype expected everywhere)."""
     if not is_distributed():
         return t
-    dev = _comm_device(t)
+    dev = _comm_device()
     buf = t.contiguous().to(dev)
     dist.broadcast(buf, src)
     return buf.to(t.device)
@@ -163,7 +163,7 @@ def broadcast_tensor(t: torch.Tensor, src: int = 0) -> torch.Tensor:
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if not is_distributed():
         return t
-    dev = _comm_device(t)
+    dev = _comm_device()
     buf = t.detach().clone().to(dev)
     dist.all_reduce(buf)
     return buf.to(t.device)
