@@ -9,49 +9,11 @@ from __future__ import annotations
 import datetime
 import os
 import socket
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from shards.errors import UserError
-
-
-@dataclass
-class LaunchEnv:
-    """Where this process sits in the job, as torchrun or SLURM describe it."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    master_addr: str
-    master_port: int
-    launcher: str  # "torchrun" | "slurm"
-
-
-def detect_launcher() -> LaunchEnv | None:
-    """A LaunchEnv when torchrun or `srun` started this process, else None."""
-    env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env and "LOCAL_RANK" in env:
-        return LaunchEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]),
-                         env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", "29500")), "torchrun")
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        addr = env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_JOB_NODELIST", ""))
-        return LaunchEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", "0")),
-                         addr or "127.0.0.1", int(env.get("MASTER_PORT", "29500")), "slurm")
-    return None
-
-
-def _first_slurm_host(nodelist: str) -> str:
-    """First host of a SLURM node list such as `gpu[003-005,007],cpu01` (no scontrol needed)."""
-    if not nodelist:
-        return ""
-    head = nodelist.split(",")[0]
-    if "[" not in head:
-        return head
-    prefix, rest = head.split("[", 1)
-    first = rest.split(",")[0].split("-")[0].rstrip("]")
-    return prefix + first
 
 
 def free_port() -> int:

@@ -19,6 +19,43 @@ from clim_fast import distributed as dist
 from shards.errors import UserError
 
 
+@dataclass
+class LaunchEnv:
+    """Where this process sits in the job, as torchrun or SLURM describe it."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    launcher: str  # "torchrun" | "slurm"
+
+
+def detect_launcher() -> LaunchEnv | None:
+    """A LaunchEnv when torchrun or `srun` started this process, else None."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env and "LOCAL_RANK" in env:
+        return LaunchEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]),
+                         env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", "29500")), "torchrun")
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        addr = env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_JOB_NODELIST", ""))
+        return LaunchEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", "0")),
+                         addr or "127.0.0.1", int(env.get("MASTER_PORT", "29500")), "slurm")
+    return None
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    """First host of a SLURM node list such as `gpu[003-005,007],cpu01` (no scontrol needed)."""
+    if not nodelist:
+        return ""
+    head = nodelist.split(",")[0]
+    if "[" not in head:
+        return head
+    prefix, rest = head.split("[", 1)
+    first = rest.split(",")[0].split("-")[0].rstrip("]")
+    return prefix + first
+
+
 @dataclass(frozen=True)
 class Launch:
     """The job's shape as seen by this process."""
@@ -29,7 +66,7 @@ class Launch:
     first_rank: int  # rank of local process 0
     master_addr: str
     master_port: int
-    launched_by: dist.LaunchEnv | None = None
+    launched_by: LaunchEnv | None = None
     share_gpu: bool = False  # every local rank on GPU 0, over gloo (to exercise multi-rank code on one GPU)
 
     def device(self, local_rank: int) -> torch.device:
@@ -46,7 +83,7 @@ class Launch:
 
 def plan_launch(*, gpus: int, cpu_procs: int, nnodes: int = 1, node_rank: int = 0, master_addr: str | None = None,
                 master_port: int | None = None, share_gpu: bool = False) -> Launch:
-    launched = dist.detect_launcher()
+    launched = detect_launcher()
     if gpus < 0 or cpu_procs < 1:
         raise UserError("--gpus must be >= 0 and --cpu-procs >= 1")
     if launched is not None:
