@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from clim_fast.mining import sharded
+from clim_fast.mining.knn import requested_gpu
 
 
 def initial_centroids(x: np.ndarray | torch.Tensor, clusters: int, seed: int) -> np.ndarray:
@@ -32,8 +33,8 @@ def kmeans_faiss(x: np.ndarray, clusters: int, *, niter: int = 20, seed: int = 0
     x = np.ascontiguousarray(x, dtype=np.float32)
     km = faiss.Kmeans(x.shape[1], clusters, niter=niter, spherical=True, seed=seed, gpu=False,
                       verbose=False, min_points_per_centroid=1, max_points_per_centroid=1 << 30)
-    if gpu is not False and gpu is not None:
-        device = torch.cuda.current_device() if gpu is True else int(gpu)
+    device = requested_gpu(gpu)
+    if device is not None:
         km._gpu_resources = faiss.StandardGpuResources()  # kept alive with the index
         km.index = faiss.index_cpu_to_gpu(km._gpu_resources, device, faiss.IndexFlatIP(x.shape[1]))
     km.train(x, init_centroids=initial_centroids(x, clusters, seed))

@@ -314,6 +314,14 @@ def _faiss_search(queries: np.ndarray, database: np.ndarray, kk: int, gpu_device
     return sims.cpu(), ids.cpu()
 
 
+def requested_gpu(gpu: bool | int | None) -> int | None:
+    """The GPU a `gpu=` argument names: None for the CPU (False or None), this process's GPU
+    (True), or GPU number `gpu` (an int)."""
+    if gpu is False or gpu is None:
+        return None
+    return torch.cuda.current_device() if gpu is True else int(gpu)
+
+
 def faiss_gpu_device(device: torch.device | None = None) -> int | None:
     """The GPU faiss should use in this process (the rank's own), or None for the CPU."""
     try:
@@ -402,8 +410,7 @@ def knn_faiss(x: np.ndarray, k: int, *, gpu: bool | int = False) -> tuple[np.nda
     """x float32 [N, d]. Returns (sims float32 [N, k], ids int64 [N, k]), best first, self
     excluded, ties by id. gpu: faiss on this process's GPU (True) or on GPU number `gpu` (int)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    device = None if gpu is False or gpu is None else (torch.cuda.current_device() if gpu is True else int(gpu))
-    sims, ids = _faiss_search(x, x, min(k + 1, len(x)), device)
+    sims, ids = _faiss_search(x, x, min(k + 1, len(x)), requested_gpu(gpu))
     sims, ids = drop_self(sims, ids)
     return sims.numpy(), ids.numpy()
 
