@@ -348,6 +348,7 @@ def targets(results: dict, full: bool) -> dict:
     if isinstance(ld, dict) and "anchors_per_s" in ld:
         ref["dali_moco_v2_graph_anchors_per_s"] = ld["anchors_per_s"].get("dali_moco_v2")
         ref["dali_clim_positives_anchors_per_s"] = ld["anchors_per_s"].get("dali_clim_positives")
+        ref["dali_centre_crops_images_per_s"] = ld["anchors_per_s"].get("dali_centre_crops")
         ref[f"torchvision_pil_{ld.get('workers')}_workers_anchors_per_s"] = ld["anchors_per_s"].get("torchvision_pil")
     for row in mine.get("results", []) if isinstance(mine, dict) else []:
         for name, entry in row.get("engines", {}).items():

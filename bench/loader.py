@@ -1,6 +1,7 @@
 """Anchors/s of the DALI pretrain graph (with positives, and as plain MoCo v2) against a
 torchvision ImageFolder + PIL DataLoader with the same aug_plus augmentations, the same number of
-CPU workers and the same images, side by side in one run, on two image sets: ImageNet-like JPEGs
+CPU workers and the same images, side by side in one run (and images/s of the centre-crop graph
+of mining's feature pass), on two image sets: ImageNet-like JPEGs
 (about 110 KB mean, 350-500 px; `tests/photos.py` IMAGENET_LIKE) and small ones. Then the epoch
 boundary of one persistent loader (tables swapped every other epoch, announced through
 `table_changes`), and the CPU cost per sample of the external source.
@@ -53,7 +54,7 @@ def time_epochs(loader, epochs: int, set_epoch=True) -> tuple[float, int]:
             loader.set_epoch(e)
         count = 0
         for batch in loader:
-            first = batch["q"] if isinstance(batch, dict) else batch[0][0]
+            first = batch.get("q", batch.get("image")) if isinstance(batch, dict) else batch[0][0]
             count += first.shape[0]
         sync()
         return count
@@ -124,7 +125,7 @@ def prepare(data: Path, name: str, options: dict, images: int):
 
 def throughput(ds, photos: Path, *, image_size: int, batch: int, workers: int, device, epochs: int,
                dali_workers: int, dali_threads: int) -> dict:
-    from dali_pipelines import PretrainLoader
+    from dali_pipelines import FeatureLoader, PretrainLoader
 
     rates = {}
     table = random_table(ds, k=8)
@@ -136,6 +137,13 @@ def throughput(ds, photos: Path, *, image_size: int, batch: int, workers: int, d
         loader.close()
         rates[name] = anchors / seconds
         print(f"  {name:22s} {rates[name]:9.1f} anchors/s", flush=True)
+    # mining's feature pass: one centre crop per JPEG, so the decoder alone sets its pace
+    loader = FeatureLoader(ds, batch_size=batch, image_size=image_size, device=device, workers=dali_workers,
+                           threads=dali_threads, dtype=dtype)
+    seconds, images = time_epochs(loader, epochs)
+    loader.close()
+    rates["dali_centre_crops"] = images / seconds
+    print(f"  {'dali_centre_crops':22s} {rates['dali_centre_crops']:9.1f} images/s (the feature pass)", flush=True)
     tv = torchvision_loader(photos, image_size, batch, workers)
     seconds, anchors = time_epochs(tv, epochs, set_epoch=False)
     del tv
