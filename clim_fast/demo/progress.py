@@ -110,8 +110,7 @@ class DemoProgress:
               file=self.stream, flush=True)
 
     @contextmanager
-    def watch_training(self, ph: Phase, run_dir: str | Path, steps_per_epoch: int, epochs: int,
-                       poll_s: float = 0.5):
+    def watch_training(self, ph: Phase, run_dir: str | Path, epochs: int, poll_s: float = 0.5):
         """Advance `ph` (total = steps) from RUN/log.jsonl while the body trains."""
 
         stop = threading.Event()

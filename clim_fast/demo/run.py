@@ -281,7 +281,7 @@ class _Context:
         gpus = 1 if self.dev.type == "cuda" else 0
         with self.progress.phase(f"train {preset} (seed {seed})", total=cfg.epochs * steps_per_epoch) as ph:
             t0 = time.time()
-            with self.progress.watch_training(ph, run_dir, steps_per_epoch, cfg.epochs):
+            with self.progress.watch_training(ph, run_dir, cfg.epochs):
                 checkpoint = run_training(cfg, self.shard_dirs["train"], run_dir, gpus=gpus, cpu_procs=1,
                                           progress=False)
             train_seconds = time.time() - t0
