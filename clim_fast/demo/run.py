@@ -340,15 +340,16 @@ def _summarise(runs, floor, budget, overrides, budget_name, dev, data, knn_t, va
 
 
 def _write_outputs(out: Path, summary: dict, runs: dict) -> Path:
+    def bar(stat: dict) -> tuple[float, float]:
+        return stat["mean"], stat["std"]
 
     plot_training(runs, out / "loss.png")
-    values = {p: (summary["runs"][p]["knn_top1"]["mean"], summary["runs"][p]["knn_top1"]["std"]) for p in PRESETS}
+    values = {p: bar(summary["runs"][p]["knn_top1"]) for p in PRESETS}
     if "random_init" in summary:
-        values = {"untrained": (summary["random_init"]["knn_top1"]["mean"],
-                                summary["random_init"]["knn_top1"]["std"]), **values}
+        values = {"untrained": bar(summary["random_init"]["knn_top1"]), **values}
     plot_bars(values, out / "knn_top1.png", f"kNN top-1 on {summary['val_images']} validation images",
               "top-1 (%)", ylim=(0, 100))
-    plot_bars({p: (summary["runs"][p]["intra"]["mean"], summary["runs"][p]["intra"]["std"]) for p in PRESETS},
+    plot_bars({p: bar(summary["runs"][p]["intra"]) for p in PRESETS},
               out / "intra_similarity.png", "Intra-class cosine similarity", "mean cosine", ylim=(0, 1))
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
     return write_report(out, summary)
