@@ -25,9 +25,10 @@ def clamp_sizes(num_samples: int, clusters: int, k: int) -> tuple[int, int, list
     """Online rounds: shrink m to N // 4 and k to N - 1 when the data set is too small for them
     (a warning each), instead of failing mid-run."""
     warnings = []
-    if clusters > max(1, num_samples // 4):
-        warnings.append(f"clusters={clusters} is too many for {num_samples} samples; using {max(1, num_samples // 4)}")
-        clusters = max(1, num_samples // 4)
+    most_clusters = max(1, num_samples // 4)
+    if clusters > most_clusters:
+        warnings.append(f"clusters={clusters} is too many for {num_samples} samples; using {most_clusters}")
+        clusters = most_clusters
     if k > num_samples - 1:
         warnings.append(f"knn_k={k} is too many for {num_samples} samples; using {num_samples - 1}")
         k = num_samples - 1
