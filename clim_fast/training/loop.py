@@ -120,7 +120,7 @@ def run_training(cfg: Config, shards, out: str | Path, *, gpus: int = 0, cpu_pro
         if launch.local_procs == 1:
             return train_worker(0, launch, cfg, data, out, resume_path, progress, None)
         spawn(launch, train_worker, launch, cfg, data, out, resume_path, progress)
-    return out / "checkpoints" / "last.pt"
+    return last_checkpoint(out)
 
 
 def resolve_resume(resume, out: Path, cfg: Config, data) -> Path | None:
@@ -188,7 +188,7 @@ def train_worker(local_rank: int, launch: Launch, cfg: Config, data, out: Path, 
             stop = StopFlag(device)
             bar = ProgressBar(cfg.epochs * len(loader), state.iteration) \
                 if rank == 0 and (sys.stderr.isatty() if progress is None else progress) else None
-            last = out / "checkpoints" / "last.pt"
+            last = last_checkpoint(out)
             try:
                 table = None
                 for epoch in range(state.epoch, cfg.epochs):
@@ -289,10 +289,14 @@ def train_one_epoch(step_fn, model: CLIM, optimizer, scaler, loader, epoch: int,
 # ---------------------------------------------------------------------------------------------
 # state, signals, progress
 
+def last_checkpoint(out: Path) -> Path:
+    return out / "checkpoints" / "last.pt"
+
+
 def save(out: Path, model: CLIM, optimizer, scaler, state: RunState, cfg: Config, data, *, epoch_file: bool) -> Path:
     rngs = dist.all_gather_object(capture_rng(model.generators()))
-    folder = out / "checkpoints"
-    last = folder / "last.pt"
+    last = last_checkpoint(out)
+    folder = last.parent
     if dist.get_rank() == 0:
         ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                 "config": cfg.to_dict(),
