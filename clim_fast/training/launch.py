@@ -28,7 +28,6 @@ class LaunchEnv:
     local_rank: int
     master_addr: str
     master_port: int
-    launcher: str  # "torchrun" | "slurm"
 
 
 def detect_launcher() -> LaunchEnv | None:
@@ -36,11 +35,11 @@ def detect_launcher() -> LaunchEnv | None:
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env and "LOCAL_RANK" in env:
         return LaunchEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]),
-                         env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", "29500")), "torchrun")
+                         env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", "29500")))
     if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
         addr = env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_JOB_NODELIST", ""))
         return LaunchEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", "0")),
-                         addr or "127.0.0.1", int(env.get("MASTER_PORT", "29500")), "slurm")
+                         addr or "127.0.0.1", int(env.get("MASTER_PORT", "29500")))
     return None
 
 
