@@ -344,7 +344,7 @@ def knn_search(queries, database, k: int, *, query_ids=None, engine: str = "torc
     Returns (sims float32 [q, k], ids int64 [q, k]), best first, ties by smaller id; numpy in,
     numpy out, tensors in, tensors out (on the queries' device; faiss answers on the CPU).
     engine: torch (Triton on CUDA when it works, else torch_matmul), triton, torch_matmul, faiss.
-    options: dtype, group, candidates (torch_matmul); cap, block_m, block_n, stats (triton).
+    options: dtype, group, candidates (torch_matmul); cap, block_m, block_n, chunk, skip, stats (triton).
     """
     global _triton_broken
     if engine not in ENGINES:
@@ -362,16 +362,17 @@ def knn_search(queries, database, k: int, *, query_ids=None, engine: str = "torc
     if k < 1 or k > n or (k == n and not outsiders):
         raise ValueError(f"k={k}: need 0 < k < N={n} (k <= N when every query id is -1)")
     kk = min(k + 1, n)
+    triton_options = _pick(options, "cap", "block_m", "block_n", "chunk", "skip", "stats")
     if q.shape[0] == 0:
         sims, ids = q.new_zeros(0, kk), torch.zeros(0, kk, dtype=torch.int64, device=q.device)
     elif engine == "faiss":
         sims, ids = _faiss_search(q.cpu().numpy(), x.cpu().numpy(), kk, faiss_gpu_device(q.device))
         sims, ids = sims.to(q.device), ids.to(q.device)
     elif engine == "triton":
-        sims, ids = _triton_search(q, x, kk, **_pick(options, "cap", "block_m", "block_n", "chunk", "skip", "stats"))
+        sims, ids = _triton_search(q, x, kk, **triton_options)
     elif engine == "torch" and q.is_cuda and triton_available() and _fp16_safe(q, x):
         try:
-            sims, ids = _triton_search(q, x, kk, **_pick(options, "cap", "block_m", "block_n", "chunk", "skip", "stats"))
+            sims, ids = _triton_search(q, x, kk, **triton_options)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()  # transient: this call only takes the torch path
             sims, ids = _torch_path(q, x, kk, options)
