@@ -64,8 +64,10 @@ def measure(run_step, batches, cfg, device, *, warmup: int, steps: int, seconds:
     """`run_step` timed after `warmup`; wall time split into
     waiting for the next batch and the rest. `warmup_s` (the untimed first steps) holds the
     compile time of a compiled row. The step never synchronises, so the CPU may queue a step
-    ahead and a wait for data is an upper bound on the GPU's idle time; anchors/s is exact."""
-    done, timed, wait, start, deadline = 0, 0, 0.0, None, None
+    ahead and a wait for data is an upper bound on the GPU's idle time; anchors/s is exact.
+    `main_thread_busy_share`: the main thread's CPU time over the wall time (near 1: the step is
+    bound by the Python thread that launches it and feeds DALI, not by the GPU)."""
+    done, timed, wait, start, deadline, cpu_start = 0, 0, 0.0, None, None, None
     began = time.perf_counter()
     it = iter(batches)
     while True:
@@ -74,7 +76,7 @@ def measure(run_step, batches, cfg, device, *, warmup: int, steps: int, seconds:
         if done == warmup:
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.thread_time()
             deadline = start + seconds  # the box covers the timed steps, not the warm-up
         elif done > warmup:
             wait += time.perf_counter() - t0
@@ -90,7 +92,8 @@ def measure(run_step, batches, cfg, device, *, warmup: int, steps: int, seconds:
     timed += 1
     elapsed = time.perf_counter() - start
     return {"anchors_per_s": timed * cfg.batch_size / elapsed, "step_time_ms": 1000 * elapsed / timed,
-            "data_wait_share": wait / elapsed, "steps": timed, "warmup_s": start - began}
+            "data_wait_share": wait / elapsed, "main_thread_busy_share": (time.thread_time() - cpu_start) / elapsed,
+            "steps": timed, "warmup_s": start - began}
 
 
 KERNEL_FAMILIES = [  # (family, substrings of kernel names), first match wins
@@ -155,14 +158,18 @@ def try_profile(run_step, batches, cfg, device, *, warmup: int) -> dict:
 
 
 def measure_real(run_step, data, table, cfg, device, profile: bool = False, **timing) -> dict:
-    """`measure` on the training loader's batches (a same-label neighbour table for positives);
-    with `profile`, also `profile_steps` on them (where the GPU time goes with DALI beside the step)."""
+    """`measure` on the training loader's batches (a same-label neighbour table for positives), then
+    the same loader with no step (`loader_alone`: the data's own ceiling); with `profile`, also
+    `profile_steps` on them (where the GPU time goes with DALI beside the step)."""
     loader = data.loader(cfg, 0, 1, device, None)
     if cfg.uses_positives:
         loader.set_table(table)
     try:
         batches = real_batches(loader)
         row = measure(run_step, batches, cfg, device, **timing)
+        alone = measure(lambda batch: None, batches, cfg, device, warmup=1, steps=timing["steps"],
+                        seconds=min(2.0, timing["seconds"] / 2))
+        row["loader_alone_anchors_per_s"] = alone["anchors_per_s"]
         if profile:
             row.update(try_profile(run_step, batches, cfg, device, warmup=0))
         return row
