@@ -67,8 +67,29 @@ class ShardDataset:
         if index.dtype != SAMPLE_DTYPE or index.shape != (self.num_samples,):
             raise UserError(f"{path}: expected {self.num_samples} rows of {SAMPLE_DTYPE}, "
                             f"got {index.shape} {index.dtype}")
-        if len(index) and (index["shard"].min() < 0 or index["shard"].max() >= len(self.tar_paths)):
-            raise UserError(f"{path}: shard numbers out of range")
+        if not len(index):
+            return
+        # Every row must point inside its own shard's tar and hold a usable label and size: a
+        # damaged or edited index is refused here, not met as a numpy error (or as the wrong bytes,
+        # read silently) in the middle of an epoch. Vectorised: ~0.1 s at ImageNet's 1.28M rows.
+        counts = [s["count"] for s in self.manifest["shards"]]
+        sizes = np.asarray([s["bytes"] for s in self.manifest["shards"]], np.int64)
+        expected = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+        shard = np.asarray(index["shard"], np.int64)
+        offset, size = np.asarray(index["offset"]), np.asarray(index["size"])
+        label = np.asarray(index["label"])
+        checks = (
+            (shard != expected, "its shard number disagrees with the id ranges of manifest.json"),
+            ((offset < 0) | (size < 1) | (offset > sizes[expected] - np.maximum(size, 0)),
+             "its JPEG offset and size lie outside its shard file"),
+            ((label < 0) | (label >= self.num_classes), f"its label is outside 0..{self.num_classes - 1}"),
+            ((index["width"] < 1) | (index["height"] < 1), "its image width or height is not positive"),
+        )
+        for bad, why in checks:
+            if bad.any():
+                rows = np.flatnonzero(bad)
+                raise UserError(f"{path}: damaged per-sample index (row {int(rows[0])}: {why}; {rows.size} bad "
+                                f"row(s)); re-run `clim-fast shard`, or check the folder with `clim-fast verify {self.root}`")
 
     @property
     def index(self) -> np.ndarray:
@@ -76,7 +97,7 @@ class ShardDataset:
             path = self.root / SAMPLES
             try:
                 self._index = np.load(path, mmap_mode="r", allow_pickle=False)
-            except (OSError, ValueError) as e:
+            except (OSError, ValueError, EOFError) as e:  # EOFError: an empty file
                 raise UserError(f"{path}: unreadable per-sample index ({e})") from None
         return self._index
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from shards.errors import UserError
 from shards.atomic import atomic_write_text
-from shards.format import FORMAT_NAME, FORMAT_VERSION, MANIFEST
+from shards.format import FORMAT_NAME, FORMAT_VERSION, MANIFEST, MIN_KEY_WIDTH
 
 
 def dataset_id(paths: list[str], labels: list[int], sizes: list[int]) -> str:
@@ -44,7 +44,59 @@ def load_manifest(root: str | Path) -> dict:
         if key not in manifest:
             raise UserError(f"{path}: manifest lacks {key!r}")
     check_manifest_paths(manifest, path)
+    check_manifest_values(manifest, path)
     return manifest
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def check_manifest_values(manifest: dict, where) -> None:
+    """Types and consistency of what readers use, so an edited or damaged manifest is a one-line
+    error naming it (not a TypeError deep inside a reader, nor samples silently read wrong):
+    counts are non-negative integers, the shards' id ranges tile 0..N-1 in order, classes map
+    names to distinct indices below num_classes, checksums are strings."""
+    if not isinstance(manifest["dataset_id"], str) or not manifest["dataset_id"]:
+        raise UserError(f"{where}: dataset_id is {manifest['dataset_id']!r}, not a dataset id string")
+    n = manifest["num_samples"]
+    if not _is_count(n):
+        raise UserError(f"{where}: num_samples is {n!r}, not a count")
+    classes = manifest["classes"]
+    if not isinstance(classes, dict) or not classes:
+        raise UserError(f"{where}: classes is {_short(classes)}, not a mapping of class names to indices")
+    for name, index in classes.items():
+        if not _is_count(index):
+            raise UserError(f"{where}: classes[{name!r}] is {index!r}, not a class index")
+    if len(set(classes.values())) != len(classes):
+        raise UserError(f"{where}: classes gives two class names the same index")
+    num_classes = manifest.get("num_classes", max(classes.values()) + 1)
+    if not _is_count(num_classes) or num_classes <= max(classes.values()):
+        raise UserError(f"{where}: num_classes is {num_classes!r}, but the class indices go up to "
+                        f"{max(classes.values())}")
+    width = manifest.get("key_width", MIN_KEY_WIDTH)
+    if not _is_count(width) or not 1 <= width <= 32:
+        raise UserError(f"{where}: key_width is {width!r}, not a key width")
+    expected_first = 0
+    for number, shard in enumerate(manifest["shards"]):
+        for key in ("sha256", "index_sha256"):
+            if not isinstance(shard.get(key), str):
+                raise UserError(f"{where}: shards[{number}].{key} is {shard.get(key)!r}, not a checksum")
+        if shard["first_id"] != expected_first:
+            raise UserError(f"{where}: shards[{number}].first_id is {shard['first_id']}, expected {expected_first} "
+                            "(the shards hold consecutive sample ids)")
+        expected_first += shard["count"]
+    if expected_first != n:
+        raise UserError(f"{where}: the shards hold {expected_first} samples, but num_samples is {n}")
+    for key in ("samples", "sources"):
+        entry = manifest.get(key)
+        if entry is not None and not isinstance(entry.get("sha256"), str):
+            raise UserError(f"{where}: {key}.sha256 is {entry.get('sha256')!r}, not a checksum")
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def is_plain_name(name) -> bool:

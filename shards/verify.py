@@ -15,9 +15,14 @@ from shards.manifest import dataset_id
 _CHUNK = 1 << 22
 
 
-def _sha256_file(path: Path) -> str:
+def _sha256_file(path: Path) -> str | None:
+    """The file's sha256, or None when it is missing (reported as a checksum mismatch)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        return None
+    with f:
         while block := f.read(_CHUNK):
             h.update(block)
     return h.hexdigest()
@@ -30,16 +35,25 @@ def verify_shards(root: str | Path, *, progress: bool = False) -> dict:
     width = int(manifest.get("key_width", 9))
     problems: list[str] = []
 
-    if sum(s["count"] for s in manifest["shards"]) != ds.num_samples:
-        problems.append(f"manifest: shard counts add up to {sum(s['count'] for s in manifest['shards'])}, "
-                        f"not num_samples={ds.num_samples}")
+    # (the shard counts adding up to num_samples is checked by load_manifest, which refuses otherwise)
     for name, entry in ((SAMPLES, manifest.get("samples")), (SOURCES, manifest.get("sources"))):
-        if entry and _sha256_file(ds.root / name) != entry["sha256"]:
+        digest = _sha256_file(ds.root / name)
+        if digest is None:
+            problems.append(f"{ds.root / name}: missing")
+        elif entry and digest != entry["sha256"]:
             problems.append(f"{ds.root / name}: sha256 differs from the manifest")
     try:
-        sources = (ds.root / SOURCES).read_text().splitlines()
-    except OSError:
+        # one line per sample, split on "\n" only: a file name may hold other line-break characters
+        # (U+2028, U+0085, ...) that str.splitlines would split on
+        with open(ds.root / SOURCES, encoding="utf-8", newline="") as f:
+            sources = f.read().split("\n")
+        if sources[-1] == "":
+            sources.pop()
+    except FileNotFoundError:  # reported above
         sources = None
+    except UnicodeDecodeError:
+        sources = None
+        problems.append(f"{ds.root / SOURCES}: not UTF-8 text")
     if sources is not None:
         if len(sources) != ds.num_samples:
             problems.append(f"{ds.root / SOURCES}: {len(sources)} lines, expected {ds.num_samples}")
