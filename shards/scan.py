@@ -196,8 +196,38 @@ def find_sources(src: str | Path, labels: str | Path | None = None,
     if not root.is_dir():
         raise UserError(f"{src}: not a folder")
     if labels is not None:
-        return _flat_with_labels(root, Path(labels), classes, follow_links)
-    return _class_folders(root, classes, follow_links)
+        found = _flat_with_labels(root, Path(labels), classes, follow_links)
+    else:
+        found = _class_folders(root, classes, follow_links)
+    check_storable_names(root, found.paths)
+    return found
+
+
+def check_storable_names(root: Path, paths: list[str]) -> None:
+    """Refuse paths that sources.txt (one UTF-8 path per line) and manifest.json cannot hold as
+    they are: a line break in a name would split it over two lines, and a name whose bytes are not
+    UTF-8 cannot be written at all (and would end a long run with a traceback)."""
+    text = "\0".join(paths)
+    problems = []
+    if "\n" in text or "\r" in text:
+        problems += [(p, "a line break in its name") for p in paths if "\n" in p or "\r" in p]
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        problems += [(p, "a name that is not UTF-8") for p in paths if not _utf8(p)]
+    if problems:
+        path, why = problems[0]
+        shown = repr(path) if _utf8(path) else repr(os.fsencode(path))[1:]  # its bytes, e.g. 'a\\xff.jpg'
+        raise UserError(f"{root}: {len(problems)} image path(s) cannot be stored in sources.txt, e.g. {shown} "
+                        f"({why}); rename them or move them out of SRC")
+
+
+def _utf8(path: str) -> bool:
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _ignored_note(ignored: list[dict]) -> str:
