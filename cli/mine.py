@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 
+from shards.atomic import check_output_file
 from shards.errors import UserError
 from clim_fast.config import MINE_ENGINES, MINE_FEATURES
 from clim_fast.machine import resolve_device
@@ -41,6 +42,7 @@ def mine_command(
         raise UserError(f"--feature {feature}: choose from {', '.join(MINE_FEATURES)}")
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: must be positive")
+    check_output_file(out, "--out")  # before the feature pass, not after it
     dev = resolve_device(device)
     dataset = ShardDataset(shards)  # a bad shard folder fails here, before the model loads
     model, cfg, ckpt = model_from_checkpoint(checkpoint, map_location=dev)

@@ -2,24 +2,81 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from shards.errors import FileSystemError, UserError, os_error_message
+
+
+def _read_umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask sets it, which is
+    not thread-safe); else read at import, before any thread of ours writes files."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
+def _reason(e: OSError) -> str:
+    return os_error_message(e).rsplit(": ", 1)[-1]
+
+
+def check_output_file(path: str | Path, option: str) -> None:
+    """Before a long computation whose result goes to `path`: refuse a path that atomic_open could
+    not write anyway (a folder in its place, a file where one of its folders should be)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{option} {path}: is a folder, not a file")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{option} {path}: a part of the path is a file, not a folder ({parent})")
+            break
+
 
 @contextmanager
 def atomic_open(path: str | Path, mode: str = "wb"):
-    """Yield a file object; on clean exit it replaces `path` atomically, on error it is removed."""
+    """Yield a file object; on clean exit it replaces `path` atomically, on error it is removed.
+
+    The file gets the permissions a plain `open` would give it (0666 less the umask), not the
+    temp file's private 0600: shard folders and runs are often shared. A path that cannot be
+    written (a folder in its place, a file where a parent folder should be, no permission) is a
+    one-line UserError naming `path`, not the temp file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if path.is_dir():
+        raise FileSystemError(f"{path}: is a folder, not a file", errno.EISDIR)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except FileExistsError:  # mkdir: a file where a parent folder should be
+        raise FileSystemError(f"{path}: a part of the path is a file, not a folder", errno.ENOTDIR) from None
+    except OSError as e:
+        raise FileSystemError(f"{path}: {_reason(e)}", e.errno) from None
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, mode) as f:
             yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+            try:
+                f.flush()
+                os.fsync(f.fileno())
+            except OSError as e:  # a full disk shows here for buffered writes
+                raise FileSystemError(f"{path}: {_reason(e)}", e.errno) from None
+        try:
+            os.replace(tmp, path)
+        except OSError as e:
+            raise FileSystemError(f"{path}: {_reason(e)}", e.errno) from None
         _fsync_dir(path.parent)
     except BaseException:
         try:
@@ -31,7 +88,10 @@ def atomic_open(path: str | Path, mode: str = "wb"):
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     with atomic_open(path, "wb") as f:
-        f.write(data)
+        try:
+            f.write(data)
+        except OSError as e:
+            raise FileSystemError(f"{path}: {_reason(e)}", e.errno) from None
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

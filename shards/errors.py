@@ -13,6 +13,21 @@ class UserError(Exception):
     """
 
 
+class FileSystemError(UserError, OSError):
+    """A file-system failure on a path the user chose (a folder where a file goes, a full disk, no
+    permission): a one-line UserError for the CLI, and still an OSError for code that handles those."""
+
+    def __init__(self, message: str, errno_: int | None = None):
+        OSError.__init__(self, errno_, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self):
+        return type(self), (self.message, self.errno)
+
+
 def os_error_message(e: OSError, where=None) -> str:
     """`PATH: what went wrong` for an OSError, in one line (PermissionError, NotADirectoryError, ...)."""
     path = e.filename if e.filename is not None else where
