@@ -53,22 +53,30 @@ class NeighbourTable:
             raise UserError(f"{path}: neighbour table not found") from None
         except Exception as e:  # zip, key or JSON errors: the file is not a table we wrote
             raise UserError(f"{path}: not a readable neighbour table ({type(e).__name__}: {e})") from None
+        if not isinstance(meta, dict):
+            raise UserError(f"{path}: not a readable neighbour table (its meta is not a JSON object)")
         table = cls(positives, counts, assignment, meta)
         table.check_consistent(path)
         return table
 
     def check_consistent(self, where: str | Path = "neighbour table") -> None:
+        if self.positives.ndim != 2:
+            raise UserError(f"{where}: malformed neighbour table (positives of shape {self.positives.shape}, "
+                            "expected [N, k])")
         n = self.num_samples
-        if self.positives.ndim != 2 or self.counts.shape != (n,) or self.assignment.shape != (n,):
+        if self.counts.shape != (n,) or self.assignment.shape != (n,):
             raise UserError(f"{where}: malformed neighbour table (shapes {self.positives.shape}, "
                             f"{self.counts.shape}, {self.assignment.shape})")
+        arrays = (self.positives, self.counts, self.assignment)
+        if not all(np.issubdtype(a.dtype, np.integer) for a in arrays):
+            raise UserError(f"{where}: malformed neighbour table (positives {self.positives.dtype}, "
+                            f"counts {self.counts.dtype}, assignment {self.assignment.dtype}; expected integers)")
         if n and (self.counts.min() < 1 or self.counts.max() > self.positives.shape[1]):
             raise UserError(f"{where}: malformed neighbour table (counts outside 1..k)")
-        if not (np.issubdtype(self.positives.dtype, np.integer) and np.issubdtype(self.counts.dtype, np.integer)):
-            raise UserError(f"{where}: malformed neighbour table (positives {self.positives.dtype}, "
-                            f"counts {self.counts.dtype}; expected integers)")
         if not n:
             return
+        if self.assignment.min() < 0:
+            raise UserError(f"{where}: malformed neighbour table (negative cluster numbers in assignment)")
         inside = np.arange(self.positives.shape[1])[None, :] < self.counts[:, None]  # entries below each count
         bad = np.where(inside, (self.positives < 0) | (self.positives >= n), self.positives != -1)
         if bad.any():
@@ -80,8 +88,11 @@ class NeighbourTable:
                             f"{expected} since the row's count is {count}; {rows} bad row(s))")
 
     def check_matches(self, dataset_id: str, num_samples: int, where: str | Path = "neighbour table") -> None:
-        """Refuse a table made for other shards (docs/architecture.md, "Files")."""
-        if self.num_samples != num_samples or (self.dataset_id and self.dataset_id != dataset_id):
+        """Refuse a table made for other shards (docs/architecture.md, "Files"), or one that does not
+        say which shards it was made for: every table clim-fast writes carries their dataset id."""
+        if self.num_samples != num_samples or self.dataset_id != dataset_id:
+            made_for = (f"for dataset {self.dataset_id}" if self.dataset_id else "for no dataset id (a table clim-fast "
+                        "did not write?)")
             raise UserError(
-                f"{where}: neighbour table is for dataset {self.dataset_id} with {self.num_samples} samples, "
+                f"{where}: neighbour table is {made_for} with {self.num_samples} samples, "
                 f"but the shards are dataset {dataset_id} with {num_samples} samples")
