@@ -55,8 +55,27 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     except Exception as e:  # truncated zip, pickle refused by weights_only, ...
         raise UserError(f"{path}: {_load_failure(e)}") from None
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
-        raise UserError(f"{path}: not a clim-fast checkpoint (expected keys {', '.join(REQUIRED_KEYS)})")
+        hint = ""
+        if isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+            hint = "; it holds only weights, like the backbone `clim-fast export` writes: pass a training checkpoint"
+        raise UserError(f"{path}: not a clim-fast checkpoint (expected keys {', '.join(REQUIRED_KEYS)}){hint}")
+    problem = _shape_problem(ckpt)
+    if problem:
+        raise UserError(f"{path}: not a clim-fast checkpoint ({problem})")
     return ckpt
+
+
+def _shape_problem(ckpt: dict) -> str | None:
+    """What is wrong with the types of the entries every reader uses, or None."""
+    model, config, epoch = ckpt["model"], ckpt["config"], ckpt["epoch"]
+    if not isinstance(model, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in model.items()):
+        return f"its model is a {type(model).__name__}, not a state_dict of named tensors"
+    if not isinstance(config, dict) or not all(isinstance(k, str) for k in config):
+        return f"its config is a {type(config).__name__}, not a mapping of config fields"
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+        return f"its epoch is {epoch!r}, not a count of epochs"
+    return None
 
 
 _UNSAFE_GLOBAL = re.compile(r"(?:GLOBAL|global:?)\s+([A-Za-z_][\w.]*)")
@@ -80,18 +99,32 @@ def _load_failure(e: Exception) -> str:
 def model_from_checkpoint(path: str | Path, map_location="cpu"):
     """(MoCo in eval mode, Config, checkpoint dict)."""
     ckpt = load_checkpoint(path, map_location)
-    cfg = Config.from_dict(ckpt["config"])
+    cfg = config_of(ckpt, path)
     model = MoCo(cfg)
     load_model_state(model, ckpt["model"], path)
     return model.to(map_location).eval(), cfg, ckpt
+
+
+def config_of(ckpt: dict, where) -> Config:
+    """The Config a loaded checkpoint was trained with; a config this clim-fast cannot use (an
+    unknown field, a value of the wrong type or range) is a one-line error naming the file."""
+    try:
+        return Config.from_dict(ckpt["config"])
+    except UserError as e:
+        raise UserError(f"{where}: the checkpoint's {e}") from None
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{where}: the checkpoint's config is not valid ({type(e).__name__}: {e})") from None
 
 
 def load_model_state(model: torch.nn.Module, state: dict, where) -> None:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        first = str(e).splitlines()[0]
-        raise UserError(f"{where}: checkpoint does not match the model ({first[:300]})") from None
+        # torch's first line is only "Error(s) in loading state_dict for MoCo:"; the next one says which
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = "; ".join(lines[1:3]) or (lines[0] if lines else type(e).__name__)
+        detail = detail if len(detail) <= 300 else detail[:297] + "..."
+        raise UserError(f"{where}: checkpoint does not match the model its config describes ({detail})") from None
 
 
 def checkpoint_files(run_dir: str | Path) -> list[Path]:
@@ -134,6 +167,25 @@ def find_resume_checkpoint(run_dir: str | Path, *, allow_broken: bool = False,
     names = ", ".join(p.name for p, _ in problems)
     raise UserError(f"{Path(run_dir) / 'checkpoints'}: none of its {len(problems)} checkpoint file(s) loads "
                     f"({names}); nothing was overwritten. To start over, move them away or pass --resume fresh")
+
+
+RUN_ENTRIES = ("config.json", "log.jsonl", "checkpoints", "tables", "tensorboard")  # what training writes in RUN
+
+
+def check_fresh_run_folder(run_dir: str | Path) -> None:
+    """A fresh start (no --resume) writes config.json, log.jsonl, checkpoints/ and tables/ into RUN.
+    Refuse a RUN that already holds any of them (an earlier run: its checkpoints would be overwritten
+    and its log mixed with the new one) or a shard folder, before anything is written."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return
+    if (run_dir / "manifest.json").exists():
+        raise UserError(f"--out {run_dir}: is a shard folder; choose another folder for the run")
+    found = [name for name in RUN_ENTRIES if (run_dir / name).exists()
+             and not ((run_dir / name).is_dir() and not any((run_dir / name).iterdir()))]
+    if found:
+        raise UserError(f"--out {run_dir}: holds an earlier run ({', '.join(found)}); pass --resume auto to continue "
+                        "it, or choose another folder (nothing was changed)")
 
 
 def prune_epoch_checkpoints(folder: str | Path, keep: int) -> None:
