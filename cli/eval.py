@@ -14,7 +14,7 @@ from typing import Optional
 import typer
 
 from clim_fast.machine import resolve_device
-from shards.atomic import atomic_write_text
+from shards.atomic import atomic_write_text, check_output_file
 from shards.errors import UserError, os_errors_as_user_errors
 
 eval_app = typer.Typer(help="Measure a checkpoint: kNN, linear probe, class similarity, t-SNE.",
@@ -94,8 +94,8 @@ def knn_command(checkpoint: Path = CHECKPOINT, shards: Path = SHARDS, val_shards
     """Weighted kNN (InstDisc/MoCo style) top-1/top-5 on frozen L2-normalised backbone features."""
     from clim_fast.evaluation.measures import knn_eval
 
-    if k <= 0 or temperature <= 0 or holdout_every < 2:
-        raise UserError("--k and --temperature must be positive and --holdout-every at least 2")
+    if k <= 0 or not 0 < temperature < float("inf") or holdout_every < 2:  # (a NaN temperature fails too)
+        raise UserError("--k and --temperature must be positive (and finite) and --holdout-every at least 2")
     out = _out_folder(out, checkpoint)
     metrics = knn_eval(checkpoint, shards, val_shards, out, k=k, t=temperature, holdout_every=holdout_every,
                        log=_log, **_feature_kw(image_size, batch_size, device, workers, threads, encoder))
@@ -169,6 +169,7 @@ def tsne_command(checkpoint: Path = CHECKPOINT, shards: Path = SHARDS, val_shard
         raise UserError("--classes and --per-class must be positive")
     out = _out_folder(out, checkpoint)
     png = png or out / f"tsne-{checkpoint.stem}.png"
+    check_output_file(png, "--png")  # before the feature pass, not after it
     target = val_shards or shards
     metrics = tsne_eval(checkpoint, target, png, out, classes=classes, per_class=per_class, seed=seed, log=_log,
                         same_classes_as=shards if val_shards else None,

@@ -10,13 +10,14 @@ resize + center crop (the DALI LinearTrainLoader and FeatureLoader graphs).
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from clim_fast.evaluation.measures import check_same_classes, eval_backbone
+from clim_fast.evaluation.measures import check_feature_options, check_same_classes, eval_backbone
 from clim_fast.training.checkpoint import model_from_checkpoint
 from dali_pipelines import FeatureLoader, LinearTrainLoader
 from shards import ShardDataset
@@ -66,8 +67,15 @@ def linear_eval(backbone: nn.Module, feature_dim: int, num_classes: int, train_l
     """
     if epochs <= 0:
         raise UserError(f"--epochs {epochs}: must be positive")
+    for option, value in (("--lr", lr), ("--momentum", momentum), ("--weight-decay", weight_decay)):
+        if not (math.isfinite(value) and value >= 0) or (option == "--lr" and value == 0):
+            raise UserError(f"{option} {value}: must be {'positive' if option == '--lr' else 'zero or more'}")
     device = torch.device(device or "cpu")
     milestones = tuple(milestones) if milestones is not None else default_milestones(epochs)
+    outside = [m for m in milestones if not 1 <= m <= epochs]
+    if outside:
+        raise UserError(f"--milestones {','.join(map(str, milestones))}: epochs where the lr drops must lie in "
+                        f"1..{epochs} (--epochs {epochs})")
     backbone = backbone.to(device).eval()
     for p in backbone.parameters():
         p.requires_grad_(False)
@@ -119,6 +127,7 @@ def linear_eval_checkpoint(checkpoint, shards_dir, val_shards_dir, *, image_size
     """The linear protocol on the query encoder's backbone of a training checkpoint, fed by the DALI
     LinearTrainLoader and FeatureLoader graphs (train: RandomResizedCrop + flip, val: resize + center crop)."""
 
+    check_feature_options(image_size, batch_size)
     train_set, val_set = ShardDataset(shards_dir), ShardDataset(val_shards_dir)
     check_same_classes(train_set, val_set, shards_dir, val_shards_dir)
 

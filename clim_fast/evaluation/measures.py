@@ -189,7 +189,11 @@ def _load_cached(path: Path):
             meta = json.loads(str(z["meta"]))
             if meta.get("format") != FEATURE_CACHE_FORMAT:
                 return None
-            return torch.from_numpy(z["features"].astype(np.float32)), z["labels"].astype(np.int64)
+            feats, labels = z["features"], z["labels"]
+            if (feats.ndim != 2 or labels.shape != (feats.shape[0],) or not np.issubdtype(labels.dtype, np.integer)
+                    or not np.isfinite(feats).all()):
+                return None
+            return torch.from_numpy(feats.astype(np.float32)), labels.astype(np.int64)
     except Exception:  # a broken cache file is recomputed, never trusted
         return None
 
@@ -198,6 +202,14 @@ def _save_cached(path: Path, feats: torch.Tensor, labels: np.ndarray, meta: dict
     with atomic_open(path, "wb") as f:
         np.savez(f, features=feats.numpy().astype(np.float16), labels=labels.astype(np.int64),
                  meta=np.array(json.dumps(dict(meta, format=FEATURE_CACHE_FORMAT), sort_keys=True)))
+
+
+def check_feature_options(image_size: int | None, batch_size: int) -> None:
+    """--image-size (None: the checkpoint's) and --batch-size of every measurement, before any work."""
+    if image_size is not None and image_size < 1:
+        raise UserError(f"--image-size {image_size}: must be positive (leave it out for the checkpoint's size)")
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size}: must be positive")
 
 
 def checkpoint_features(checkpoint: str | Path, shards_dir: str | Path, cache_dir: str | Path | None, *,
@@ -212,6 +224,7 @@ def checkpoint_features(checkpoint: str | Path, shards_dir: str | Path, cache_di
     round trip so a cached run reports exactly what the first run did.
     """
 
+    check_feature_options(image_size, batch_size)
     checkpoint = Path(checkpoint)
     if checkpoint.is_dir():
         raise UserError(f"{checkpoint}: a folder, not a checkpoint file")
