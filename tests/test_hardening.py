@@ -540,3 +540,203 @@ def test_follow_links_through_a_link_cycle_outside_src_takes_each_real_file_once
     assert {e["path"]: e["reason"] for e in summary["ignored_links"]} == {
         "a/ext/back": "second path to the folder .", "a/ext/self": loop, "a/ext/up": loop,
         "a/ext/x0.jpg": "second path to a/dup.jpg", "a/ext/e/d": "second path to the folder a/ext"}
+
+
+# ------------------------------------------------------------------------------ 12. edited manifests
+
+def _edited_copy(shard_dir: Path, tmp_path: Path, edit) -> Path:
+    copy = tmp_path / "copy"
+    shutil.copytree(shard_dir, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    edit(manifest)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda m: m.update(num_samples="48"), "num_samples is '48', not a count"),
+    (lambda m: m.update(num_samples=49), "the shards hold 48 samples, but num_samples is 49"),
+    (lambda m: m.update(classes=["a", "b"]), "classes is ['a', 'b'], not a mapping of class names to indices"),
+    (lambda m: m["classes"].update(dict.fromkeys(m["classes"], 0)), "classes gives two class names the same index"),
+    (lambda m: m.update(num_classes=2), "num_classes is 2, but the class indices go up to 3"),
+    (lambda m: m.update(dataset_id=None), "dataset_id is None"),
+    (lambda m: m["shards"][1].update(first_id=17), "shards[1].first_id is 17, expected 16"),
+    (lambda m: m["shards"][0].pop("sha256"), "shards[0].sha256 is None, not a checksum"),
+    (lambda m: m["samples"].pop("sha256"), "samples.sha256 is None, not a checksum"),
+    (lambda m: m.update(key_width="9"), "key_width is '9'"),
+], ids=["n-str", "n-sum", "classes-list", "classes-dup", "num-classes", "dataset-id", "first-id", "tar-sha",
+        "samples-sha", "key-width"])
+def test_a_manifest_with_wrong_types_or_counts_is_a_one_line_error(shard_dir, tmp_path, edit, needle):
+    """Each edit was a TypeError/KeyError deep in a reader or verify, or read on silently."""
+    copy = _edited_copy(shard_dir, tmp_path, edit)
+    for action in (ShardDataset, verify_shards):
+        with pytest.raises(UserError) as err:
+            action(copy)
+        message = str(err.value)
+        assert message.startswith(f"{copy / 'manifest.json'}: ") and needle in message and "\n" not in message
+
+
+@pytest.mark.parametrize("column,value,needle", [
+    ("offset", 10 ** 7, "its JPEG offset and size lie outside its shard file"),
+    ("size", -1, "its JPEG offset and size lie outside its shard file"),
+    ("label", 4, "its label is outside 0..3"),
+    ("width", 0, "its image width or height is not positive"),
+    ("shard", 2, "its shard number disagrees with the id ranges of manifest.json"),
+])
+def test_a_damaged_samples_index_is_refused_when_the_folder_opens(shard_dir, tmp_path, column, value, needle):
+    """Was read on: a numpy error mid-epoch, the wrong bytes, or a label outside the classifier."""
+    copy = tmp_path / "copy"
+    shutil.copytree(shard_dir, copy)
+    rows = np.load(copy / "samples.npy")
+    rows[column][5] = value
+    np.save(copy / "samples.npy", rows)
+    with pytest.raises(UserError) as err:
+        ShardDataset(copy)
+    message = str(err.value)
+    assert message.startswith(f"{copy / 'samples.npy'}: damaged per-sample index (row 5: {needle}; 1 bad row(s))")
+    assert f"clim-fast verify {copy}" in message and "\n" not in message
+    (copy / "samples.npy").write_bytes(b"")  # an empty file was an EOFError traceback
+    with pytest.raises(UserError, match=r"samples\.npy: unreadable per-sample index"):
+        ShardDataset(copy)
+
+
+def test_verify_reports_a_missing_or_binary_sources_txt(shard_dir, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(shard_dir, copy)
+    (copy / "sources.txt").write_bytes(b"\xff\xfe\n" * 48)  # was a UnicodeDecodeError traceback
+    report = verify_shards(copy)
+    assert not report["ok"] and f"{copy / 'sources.txt'}: not UTF-8 text" in report["problems"]
+    (copy / "sources.txt").unlink()  # was a FileNotFoundError traceback
+    assert verify_shards(copy)["problems"] == [f"{copy / 'sources.txt'}: missing"]
+
+
+# ------------------------------------------------------------------------------ 13. odd names in SRC
+
+def test_unicode_names_with_line_separators_verify_and_line_breaks_are_refused(small_src, tmp_path):
+    src = tmp_path / "src"
+    classes = sorted(small_src.iterdir())
+    for cls, name in zip(classes, ["with space", "ünï cødé", "line\u2028sep\x85x"]):
+        shutil.copytree(cls, src / name)
+    summary = write_shards(src, tmp_path / "out", maxcount=16)
+    assert summary["num_samples"] == 30
+    assert verify_shards(tmp_path / "out")["ok"]  # sources.txt was split on U+2028 too: 40 lines for 30
+    kept = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    for name, shown in (("new\nline", r"'new\nline/"), (os.fsdecode(b"bad\xff"), r"'bad\xff/")):
+        shutil.copytree(classes[3], src / name)
+        with pytest.raises(UserError) as err:  # was a broken sources.txt, or a traceback
+            write_shards(src, tmp_path / "out2", maxcount=16)
+        message = str(err.value)
+        assert message.startswith(f"{src}: 10 image path(s) cannot be stored in sources.txt, e.g. {shown}")
+        assert "\n" not in message and not (tmp_path / "out2").exists()
+        shutil.rmtree(src / name)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == kept
+
+
+# ------------------------------------------------------------------------------ 14. output files
+
+def test_written_files_get_the_umask_permissions_not_0600(shard_dir):
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for name in ("manifest.json", "samples.npy", "sources.txt", "shard-000000.idx", "shard-000000.tar"):
+        assert (shard_dir / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def test_an_output_path_that_is_a_folder_or_under_a_file_is_a_one_line_error(checkpoint, shard_dir, tmp_path):
+    from shards.atomic import atomic_write_bytes
+
+    (tmp_path / "file").write_text("x")
+    for path, reason in ((tmp_path, "is a folder, not a file"),
+                         (tmp_path / "file" / "x.pt", "a part of the path is a file, not a folder")):
+        with pytest.raises(UserError) as err:  # was an OSError naming the temp file, or FileExistsError
+            atomic_write_bytes(path, b"data")
+        assert str(err.value) == f"{path}: {reason}" and isinstance(err.value, OSError)
+        with pytest.raises(UserError, match=reason):
+            _cli("export", "--checkpoint", checkpoint, "--out", path)
+    assert not list(tmp_path.glob(".*.tmp"))
+    with pytest.raises(UserError, match=rf"^--out {tmp_path}: is a folder, not a file$"):  # before the feature pass
+        _cli("mine", "--checkpoint", checkpoint, "--shards", shard_dir, "--out", tmp_path, "--device", "cpu")
+    with pytest.raises(UserError, match=rf"^--png {tmp_path}: is a folder, not a file$"):
+        _cli("eval", "tsne", "--checkpoint", checkpoint, "--shards", shard_dir, "--png", tmp_path, "--out",
+             tmp_path / "e", "--device", "cpu")
+
+
+# ------------------------------------------------------------------------------ 15. foreign tables
+
+@pytest.mark.parametrize("arrays,needle", [
+    (dict(positives=np.array(5, np.int32)), r"malformed neighbour table \(positives of shape \(\), expected \[N, k\]\)"),
+    (dict(meta=np.array("[1, 2]")), r"not a readable neighbour table \(its meta is not a JSON object\)"),
+    (dict(assignment=np.array([0.5, 1.0, 0.0])), r"malformed neighbour table \(positives int32, counts int32, "
+                                                 r"assignment float64; expected integers\)"),
+    (dict(assignment=np.array([-3, 0, 0], np.int32)), r"malformed neighbour table \(negative cluster numbers in assignment\)"),
+    (dict(meta=np.array("{}")), r"neighbour table is for no dataset id .* with 3 samples, but the shards are "
+                                r"dataset x with 3 samples"),
+], ids=["0d", "meta-list", "assignment-float", "assignment-negative", "no-dataset-id"])
+def test_a_foreign_neighbour_table_is_a_one_line_error(tmp_path, arrays, needle):
+    table = dict(positives=np.array([[1, -1], [0, 2], [1, -1]], np.int32), counts=np.array([1, 2, 1], np.int32),
+                 assignment=np.zeros(3, np.int32), meta=np.array(json.dumps({"dataset_id": "x"})))
+    path = tmp_path / "table.npz"
+    np.savez(path, **dict(table, **arrays))
+    with pytest.raises(UserError, match=rf"^{path}: {needle}"):  # IndexError/AttributeError, or accepted
+        NeighbourTable.load(path).check_matches("x", 3, path)
+
+
+# ------------------------------------------------------------------------------ 16. checkpoints from elsewhere
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda c: c.update(config=[1]), "not a clim-fast checkpoint (its config is a list, not a mapping of config fields)"),
+    (lambda c: c["config"].update(image_size="x"), "the checkpoint's config is not valid (TypeError: "),
+    (lambda c: c["config"].update(colour="red"), "the checkpoint's config: unknown field(s) colour"),
+    (lambda c: c.update(model=torch.zeros(3)), "its model is a Tensor, not a state_dict of named tensors"),
+    (lambda c: c.update(epoch="x"), "its epoch is 'x', not a count of epochs"),
+    (lambda c: c["config"].update(arch="resnet34"), "does not match the model its config describes (Missing key(s)"),
+    (lambda c: c.clear() or c.update(c_w=torch.zeros(1)), "it holds only weights, like the backbone `clim-fast export`"),
+], ids=["config-list", "config-type", "config-field", "model-tensor", "epoch-str", "other-arch", "exported"])
+def test_a_checkpoint_with_wrong_entries_is_a_one_line_error_in_eval_and_export(checkpoint, tmp_path, edit, needle):
+    from clim_fast.training.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    edit(ckpt)
+    path = tmp_path / "other.pt"
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    path.write_bytes(buf.getvalue())
+    with pytest.raises(UserError) as err:  # TypeError/ValueError tracebacks, or a mismatch that said nothing
+        _cli("export", "--checkpoint", path, "--out", tmp_path / "backbone.pt")
+    message = str(err.value)
+    assert message.startswith(f"{path}: ") and needle in message and "\n" not in message
+    assert not (tmp_path / "backbone.pt").exists()
+
+
+def test_a_fresh_train_never_overwrites_an_earlier_run_or_a_shard_folder(shard_dir, tmp_path):
+    run = tmp_path / "run"
+    _ckpt(run / "checkpoints" / "last.pt", 3)
+    (run / "log.jsonl").write_text('{"kind": "epoch"}\n')
+    kept = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(UserError) as err:  # was: trained from scratch and overwrote last.pt
+        _cli("train", "--shards", shard_dir, "--out", run, "--gpus", "0", "--arch", "resnet18")
+    assert str(err.value) == (f"--out {run}: holds an earlier run (log.jsonl, checkpoints); pass --resume auto "
+                              "to continue it, or choose another folder (nothing was changed)")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == kept
+    with pytest.raises(UserError, match=f"^--out {shard_dir}: is a shard folder"):
+        _cli("train", "--shards", shard_dir, "--out", shard_dir, "--gpus", "0", "--arch", "resnet18")
+
+
+# ------------------------------------------------------------------------------ 17. eval options
+
+@pytest.mark.parametrize("args,needle", [
+    (["knn", "--image-size", "-5"], "--image-size -5: must be positive"),  # ran, with a meaningless result
+    (["similarity", "--image-size", "0"], "--image-size 0: must be positive"),  # fell back silently
+    (["knn", "--batch-size", "0"], "--batch-size 0: must be positive"),
+    (["knn", "--temperature", "nan"], "--temperature must be positive (and finite)"),
+    (["linear", "--lr", "-1"], "--lr -1.0: must be positive"),  # a torch ValueError traceback
+    (["linear", "--epochs", "10", "--milestones", "60,80"], "--milestones 60,80: epochs where the lr drops must lie "
+                                                           "in 1..10"),
+], ids=["img-neg", "img-0", "batch-0", "temp-nan", "lr-neg", "milestones"])
+def test_eval_options_out_of_range_are_refused_before_any_work(checkpoint, shard_dir, tmp_path, args, needle):
+    command, *options = args
+    val = ["--val-shards", shard_dir] if command == "linear" else []
+    with pytest.raises(UserError) as err:
+        _cli("eval", command, "--checkpoint", checkpoint, "--shards", shard_dir, *val, "--out", tmp_path, "--device",
+             "cpu", "--workers", "0", "--threads", "1", *options)
+    assert needle in str(err.value)
+    assert not list(tmp_path.glob("features-*"))

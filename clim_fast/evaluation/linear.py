@@ -58,6 +58,22 @@ def evaluate_linear(backbone: nn.Module, classifier: nn.Module, loader, device) 
     return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "val_samples": total}
 
 
+def check_linear_options(epochs: int, lr: float, momentum: float, weight_decay: float,
+                         milestones: tuple[int, ...] | None) -> tuple[int, ...]:
+    """The classifier's schedule, checked before any work; returns the milestones (default: 60% and
+    80% of --epochs)."""
+    if epochs <= 0:
+        raise UserError(f"--epochs {epochs}: must be positive")
+    for option, value in (("--lr", lr), ("--momentum", momentum), ("--weight-decay", weight_decay)):
+        if not (math.isfinite(value) and value >= 0) or (option == "--lr" and value == 0):
+            raise UserError(f"{option} {value}: must be {'positive' if option == '--lr' else 'zero or more'}")
+    milestones = tuple(milestones) if milestones is not None else default_milestones(epochs)
+    if any(not 1 <= m <= epochs for m in milestones):
+        raise UserError(f"--milestones {','.join(map(str, milestones))}: epochs where the lr drops must lie in "
+                        f"1..{epochs} (--epochs {epochs})")
+    return milestones
+
+
 def linear_eval(backbone: nn.Module, feature_dim: int, num_classes: int, train_loader, val_loader, *,
                 epochs: int = 100, lr: float = 30.0, momentum: float = 0.9, weight_decay: float = 0.0,
                 milestones: tuple[int, ...] | None = None, device=None, seed: int = 0, log=print) -> dict:
@@ -65,17 +81,8 @@ def linear_eval(backbone: nn.Module, feature_dim: int, num_classes: int, train_l
 
     Loaders yield dicts with `image` (NCHW) and `label`; `set_epoch(e)` is called when present.
     """
-    if epochs <= 0:
-        raise UserError(f"--epochs {epochs}: must be positive")
-    for option, value in (("--lr", lr), ("--momentum", momentum), ("--weight-decay", weight_decay)):
-        if not (math.isfinite(value) and value >= 0) or (option == "--lr" and value == 0):
-            raise UserError(f"{option} {value}: must be {'positive' if option == '--lr' else 'zero or more'}")
+    milestones = check_linear_options(epochs, lr, momentum, weight_decay, milestones)
     device = torch.device(device or "cpu")
-    milestones = tuple(milestones) if milestones is not None else default_milestones(epochs)
-    outside = [m for m in milestones if not 1 <= m <= epochs]
-    if outside:
-        raise UserError(f"--milestones {','.join(map(str, milestones))}: epochs where the lr drops must lie in "
-                        f"1..{epochs} (--epochs {epochs})")
     backbone = backbone.to(device).eval()
     for p in backbone.parameters():
         p.requires_grad_(False)
@@ -128,6 +135,7 @@ def linear_eval_checkpoint(checkpoint, shards_dir, val_shards_dir, *, image_size
     LinearTrainLoader and FeatureLoader graphs (train: RandomResizedCrop + flip, val: resize + center crop)."""
 
     check_feature_options(image_size, batch_size)
+    check_linear_options(epochs, lr, momentum, weight_decay, milestones)
     train_set, val_set = ShardDataset(shards_dir), ShardDataset(val_shards_dir)
     check_same_classes(train_set, val_set, shards_dir, val_shards_dir)
 
