@@ -46,8 +46,9 @@ def synthetic_batch(cfg, device) -> dict:
     return batch
 
 
-def build(cfg, device):
-    """The model and its optimizer as train_worker builds them; returns run_step(batch)."""
+def build(cfg, device, return_model: bool = False):
+    """The model and its optimizer as train_worker builds them; returns run_step(batch) (and the
+    model, with `return_model`)."""
     torch.manual_seed(0)
     model = CLIM(cfg).to(device)
     if device.type == "cuda" and cfg.channels_last:
@@ -57,7 +58,8 @@ def build(cfg, device):
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, momentum=0.9,
                                 weight_decay=1e-4, fused=device.type == "cuda")
     scaler = grad_scaler(model, device)
-    return lambda batch: train_step(model, model, optimizer, scaler, batch)
+    run_step = lambda batch: train_step(model, model, optimizer, scaler, batch)  # noqa: E731
+    return (run_step, model) if return_model else run_step
 
 
 def measure(run_step, batches, cfg, device, *, warmup: int, steps: int, seconds: float) -> dict:

@@ -9,6 +9,7 @@ from clim_fast.training.checkpoint import find_resume_checkpoint, load_checkpoin
 from clim_fast.config import make_config
 from shards.errors import UserError
 from clim_fast.training.export import export_backbone
+from clim_fast.method.backbone import BatchNorm2d, build_backbone
 from clim_fast.method.losses import clim_loss, info_nce
 from clim_fast.method.moco import MoCo
 
@@ -155,6 +156,30 @@ def test_export_loads_into_torchvision_resnet(tmp_path):
     net.fc = torch.nn.Identity()
     x = torch.randn(2, 3, 64, 64)
     assert torch.allclose(net.eval()(x), model.encoder_q.backbone.eval()(x), atol=1e-5)
+
+
+def test_backbone_batchnorm_is_torchs_without_the_batch_count():
+    """backbone.BatchNorm2d: the outputs, running statistics and gradients of nn.BatchNorm2d in
+    training and eval mode; only num_batches_tracked stays 0 (one kernel launch less per call)."""
+    torch.manual_seed(5)
+    ours, ref = BatchNorm2d(6), torch.nn.BatchNorm2d(6)
+    with torch.no_grad():
+        ours.weight.normal_(), ours.bias.normal_()
+    ref.load_state_dict(ours.state_dict())
+    for step in range(3):
+        x = torch.randn(4, 6, 5, 5) * (step + 1) + step
+        xo, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+        yo, yr = ours(xo), ref(xr)
+        (yo * x).sum().backward(), (yr * x).sum().backward()
+        assert torch.allclose(yo, yr, atol=1e-6) and torch.allclose(xo.grad, xr.grad, atol=1e-5)
+        assert torch.allclose(ours.weight.grad, ref.weight.grad, atol=1e-5)
+    assert torch.equal(ours.running_mean, ref.running_mean) and torch.equal(ours.running_var, ref.running_var)
+    assert int(ours.num_batches_tracked) == 0 and int(ref.num_batches_tracked) == 3
+    ours.eval(), ref.eval()
+    x = torch.randn(2, 6, 5, 5)
+    assert torch.allclose(ours(x), ref(x), atol=1e-6)
+    backbone, _ = build_backbone("resnet18", 32)
+    assert all(type(m) is BatchNorm2d for m in backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
 
 
 def test_bad_checkpoints_are_user_errors(tmp_path):

@@ -9,6 +9,7 @@ an exported `state_dict`'s keys) are those of torchvision's model, only the shap
 from __future__ import annotations
 
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
@@ -32,6 +33,20 @@ STANDARD_WIDTH = 64
 SMALL_IMAGE = 96  # below this the ImageNet stem would shrink a 32 px input to 8 px before layer1
 
 
+class BatchNorm2d(nn.BatchNorm2d):
+    """nn.BatchNorm2d without its count of training batches: with a fixed `momentum` (0.1) the
+    count is never read, and each increment is one more kernel launch per layer and call (a
+    clim_multires step calls every layer 14 times). The buffer stays, so `state_dict` keys are
+    torchvision's (the count stays 0)."""
+
+    def forward(self, x):
+        if not (self.training and self.track_running_stats and self.momentum is not None):
+            return super().forward(x)
+        self._check_input_dim(x)
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, True, self.momentum,
+                            self.eps)
+
+
 def uses_cifar_stem(image_size: int) -> bool:
     return image_size < SMALL_IMAGE
 
@@ -43,11 +58,11 @@ class ScaledResNet(ResNet):
     def __init__(self, block, layers, width: int, groups: int = 1, width_per_group: int = 64,
                  num_classes: int = 1000):
         nn.Module.__init__(self)
-        self._norm_layer = nn.BatchNorm2d
+        self._norm_layer = BatchNorm2d
         self.inplanes, self.dilation = width, 1
         self.groups, self.base_width = groups, width_per_group
         self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
+        self.bn1 = BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         self.layer1 = self._make_layer(block, width, layers[0])
@@ -70,7 +85,7 @@ def resnet(arch: str, width: int = STANDARD_WIDTH, num_classes: int = 1000) -> R
     if arch not in SPECS:
         raise UserError(f"--arch {arch}: unknown architecture; choose from {', '.join(ARCHS)}")
     if width == STANDARD_WIDTH:
-        return getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
+        return getattr(torchvision.models, arch)(weights=None, num_classes=num_classes, norm_layer=BatchNorm2d)
     block, layers, groups, per_group = SPECS[arch]
     if width <= 0 or (block is Bottleneck and int(width * per_group / 64) * groups < groups):
         raise UserError(f"width={width}: too narrow for {arch} (its bottleneck would have no channels)")

@@ -132,11 +132,8 @@ class MoCo(nn.Module):
     # -- MoCo's parts ------------------------------------------------------------------------------
     @torch.no_grad()
     def momentum_update(self) -> None:
-        """param_k = m * param_k + (1 - m) * param_q."""
-        k_params = list(self.encoder_k.parameters())
-        q_params = [p.detach() for p in self.encoder_q.parameters()]
-        torch._foreach_mul_(k_params, self.m)
-        torch._foreach_add_(k_params, q_params, alpha=1.0 - self.m)
+        """param_k = m * param_k + (1 - m) * param_q, as one lerp over all parameters."""
+        torch._foreach_lerp_(list(self.encoder_k.parameters()), list(self.encoder_q.parameters()), 1.0 - self.m)
 
     @torch.no_grad()
     def dequeue_and_enqueue(self, keys: torch.Tensor) -> None:
