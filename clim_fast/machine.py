@@ -26,6 +26,14 @@ def machine_info() -> dict:
     return {"cpu": cpu_name(), "cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__}
 
 
+def synchronize(device) -> None:
+    """Wait for the GPU's queued work (timings of GPU phases); nothing on the CPU."""
+    import torch  # see machine_info
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def resolve_device(name: str):
     """`--device auto|cpu|cuda` as a torch.device; UserError for anything else or a missing GPU."""
     import torch  # see machine_info

@@ -15,6 +15,7 @@ import torch
 from clim_fast.config import MINE_ENGINES
 from clim_fast.data import loader_options
 from clim_fast.features import extract_features, momentum_features
+from clim_fast.machine import synchronize
 from clim_fast.mining.kmeans import kmeans_faiss, kmeans_torch
 from clim_fast.mining.knn import faiss_gpu_device, knn_faiss, knn_torch
 from clim_fast.mining.select import check_sizes, select_positives, table_stats
@@ -51,7 +52,6 @@ def mine_table(features, *, clusters: int, k: int, engine: str = "auto", seed: i
     t0 = time.perf_counter()
     if engine == "faiss":
         gpu = faiss_gpu_device(device)  # this process's GPU, or None: the CPU
-        gpu = False if gpu is None else gpu
         x = feats.cpu().numpy()
         centroids, assignment = kmeans_faiss(x, clusters, niter=niter, seed=seed, gpu=gpu)
         timings["kmeans_s"] = time.perf_counter() - t0
@@ -60,12 +60,12 @@ def mine_table(features, *, clusters: int, k: int, engine: str = "auto", seed: i
     else:
         x = feats.to(device)
         centroids_t, assignment_t = kmeans_torch(x, clusters, niter=niter, seed=seed)
-        _sync(device)
+        synchronize(device)
         timings["kmeans_s"] = time.perf_counter() - t0
         _, neighbours_t = knn_torch(x, k)
         centre_sim = (x * centroids_t[assignment_t]).sum(1)
         neighbours, assignment = neighbours_t, assignment_t
-    _sync(device)
+    synchronize(device)
     timings["knn_s"] = time.perf_counter() - t0 - timings["kmeans_s"]
     t1 = time.perf_counter()
     if device.type == "cuda":
@@ -82,11 +82,6 @@ def mine_table(features, *, clusters: int, k: int, engine: str = "auto", seed: i
     stats.update(engine=engine, **{key: round(v, 4) for key, v in timings.items()})
     table.meta["stats"] = stats
     return table, stats
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def mine_from_model(model, cfg, dataset, *, device: torch.device, clusters: int, k: int, engine: str,

@@ -24,7 +24,7 @@ def initial_centroids(x: np.ndarray | torch.Tensor, clusters: int, seed: int) ->
 
 
 def kmeans_faiss(x: np.ndarray, clusters: int, *, niter: int = 20, seed: int = 0,
-                 gpu: bool | int = False) -> tuple[np.ndarray, np.ndarray]:
+                 gpu: bool | int | None = False) -> tuple[np.ndarray, np.ndarray]:
     """x float32 [N, d], unit rows. Returns (centroids float32 [m, d], assignment int64 [N]).
     gpu: True runs faiss on this process's GPU (torch.cuda.current_device()), an int on that
     GPU; never on all GPUs (each rank keeps to its own)."""

@@ -407,7 +407,7 @@ def knn_torch(x: torch.Tensor, k: int, *, dtype: torch.dtype | None = None, cand
     return knn_search(x, x, k, engine=engine, dtype=dtype, candidates=candidates, group=group)
 
 
-def knn_faiss(x: np.ndarray, k: int, *, gpu: bool | int = False) -> tuple[np.ndarray, np.ndarray]:
+def knn_faiss(x: np.ndarray, k: int, *, gpu: bool | int | None = False) -> tuple[np.ndarray, np.ndarray]:
     """x float32 [N, d]. Returns (sims float32 [N, k], ids int64 [N, k]), best first, self
     excluded, ties by id. gpu: faiss on this process's GPU (True) or on GPU number `gpu` (int)."""
     x = np.ascontiguousarray(x, dtype=np.float32)

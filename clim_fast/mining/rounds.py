@@ -22,6 +22,7 @@ import torch
 from clim_fast import distributed as dd
 from clim_fast.data import loader_options
 from clim_fast.features import agree_width, check_coverage, encode_share, momentum_features
+from clim_fast.machine import synchronize
 from clim_fast.mining.select import clamp_sizes, format_stats, table_stats
 from clim_fast.mining.sharded import block_search, mine_round
 from dali_pipelines import FeatureLoader
@@ -112,8 +113,7 @@ class OnlineMining:
         dd.raise_if_any_failed(failure, "mining (feature pass)")
         feats = agree_width(feats)
         check_coverage(ids, self.dataset.num_samples)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        synchronize(self.device)
         timings = dict(feature_s=time.perf_counter() - t0,
                        feature_first_batch_s=first_batch_s[0] if first_batch_s else 0.0)
         has_labels = bool(dd.all_reduce_sum(torch.tensor([int((labels < 0).sum())])).item() == 0)

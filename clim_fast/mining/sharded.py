@@ -23,14 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from clim_fast import distributed as dd
+from clim_fast.machine import synchronize
 from clim_fast.mining.knn import drop_self, exact_fp32_matmul, knn_search, search_dtype
 from clim_fast.mining.select import select_positives
 from shards.neighbours import NeighbourTable
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @torch.no_grad()
@@ -147,11 +143,11 @@ def mine_round(x: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor | None, 
     timings = {}
     t0 = time.perf_counter()
     _, assignment, centre_sim = kmeans(x, ids, num_samples, clusters, niter=niter, seed=seed)
-    _sync(device)
+    synchronize(device)
     timings["kmeans_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     _, neighbours = knn(x, ids, k, search)
-    _sync(device)
+    synchronize(device)
     timings["knn_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     ids_cpu = ids.cpu()
