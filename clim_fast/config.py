@@ -7,7 +7,10 @@ temperature 0.2, SGD 0.9 / 1e-4, global batch 512, lr = base_lr * batch / 256 = 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
+import numbers
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,9 +77,23 @@ class Config:
     preset: str = "moco_v2"
 
     def __post_init__(self) -> None:
+        for name, kind in _field_types().items():  # 1 for a float field is 1.0; numpy scalars are plain
+            value = getattr(self, name)
+            if kind is float and isinstance(value, numbers.Real) and not isinstance(value, bool):
+                setattr(self, name, float(value))
+            elif kind is int and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+                setattr(self, name, int(value))
         self.validate()
 
     def validate(self) -> None:
+        for name, kind in _field_types().items():  # first the types: the range checks below compare numbers
+            value = getattr(self, name)
+            if kind is float:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            else:
+                ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+            if not ok:
+                raise UserError(f"config: {name} must be {_TYPE_NAMES[kind]}, got {value!r}")
         if self.arch not in ARCHS:
             raise UserError(f"--arch {self.arch}: unknown architecture; choose from {', '.join(ARCHS)}")
         if self.mix not in MIX_METHODS:
@@ -85,9 +102,27 @@ class Config:
                               ("precision", PRECISIONS)):
             if getattr(self, name) not in choices:
                 raise UserError(f"config: {name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
-        for name in ("image_size", "batch_size", "epochs", "queue_size", "clusters", "knn_k", "mine_every", "width"):
+        for name in ("image_size", "batch_size", "epochs", "queue_size", "clusters", "knn_k", "mine_every", "width",
+                     "feat_dim", "checkpoint_every", "log_every", "shuffle_bn_groups"):
             if getattr(self, name) <= 0:
                 raise UserError(f"config: {name} must be positive, got {getattr(self, name)}")
+        # keep_checkpoints 0: keep every epoch file (checkpoint.prune_epoch_checkpoints); workers 0: DALI
+        # reads in its own process
+        for name in ("warmup_epochs", "clim_start_epoch", "keep_checkpoints", "workers", "seed"):
+            if getattr(self, name) < 0:
+                raise UserError(f"config: {name} must be >= 0, got {getattr(self, name)}")
+        if self.dali_threads < 1:
+            raise UserError(f"config: dali_threads must be at least 1, got {self.dali_threads}")
+        for name in ("temperature", "alpha", "base_lr"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise UserError(f"config: {name} must be positive and finite, got {value}")
+        for name in ("weight_decay", "momentum", "mix_weight"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise UserError(f"config: {name} must be finite and >= 0, got {value}")
+        if not 0 <= self.ema_momentum <= 1:  # NaN fails every comparison
+            raise UserError(f"config: ema_momentum must be in [0, 1], got {self.ema_momentum}")
         if not 0 <= self.hw_decoder_load <= 1:
             raise UserError(f"config: hw_decoder_load must be in [0, 1], got {self.hw_decoder_load}")
         if not 0 < self.crop_min_scale <= 1:
@@ -118,19 +153,28 @@ class Config:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Config":
+        """A Config from a mapping of field names to values (a config.json, a checkpoint's config)."""
+        if not isinstance(data, dict):
+            raise UserError(f"config: expected a mapping of config fields, got a {type(data).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
+        unknown = sorted(map(str, set(data) - names))
         if unknown:
             raise UserError(f"config: unknown field(s) {', '.join(unknown)}")
-        return cls(**data)
+        try:
+            return cls(**data)
+        except (TypeError, ValueError) as e:  # validate checks the types first; this is the safety net
+            raise UserError(f"config: not valid ({type(e).__name__}: {e})") from None
 
     @classmethod
     def load(cls, path: str | Path) -> "Config":
         try:
             data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise UserError(f"{path}: cannot read config ({e})") from None
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except UserError as e:
+            raise UserError(f"{path}: {e}") from None
 
 
 PRESETS: dict[str, dict] = {
@@ -141,6 +185,10 @@ PRESETS: dict[str, dict] = {
 }
 
 
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+@functools.cache
 def _field_types() -> dict[str, type]:
     hints = typing.get_type_hints(Config)
     return {f.name: hints[f.name] for f in dataclasses.fields(Config)}

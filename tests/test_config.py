@@ -54,3 +54,61 @@ def test_save_load_round_trip(tmp_path):
     cfg.save(tmp_path / "config.json")
     assert Config.load(tmp_path / "config.json") == cfg
     assert json.loads((tmp_path / "config.json").read_text())["preset"] == "clim_multires"
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("checkpoint_every", 0, "checkpoint_every must be positive, got 0"),  # a ZeroDivisionError after an epoch
+    ("feat_dim", 0, "feat_dim must be positive, got 0"),  # a ZeroDivisionError
+    ("log_every", 0, "log_every must be positive, got 0"),
+    ("shuffle_bn_groups", 0, "shuffle_bn_groups must be positive, got 0"),  # trained as 1 group
+    ("alpha", 0.0, "alpha must be positive and finite, got 0.0"),  # refused only after the first mining round
+    ("temperature", 0.0, "temperature must be positive and finite, got 0.0"),  # trained on inf logits
+    ("temperature", NAN, "temperature must be positive and finite, got nan"),
+    ("base_lr", INF, "base_lr must be positive and finite, got inf"),
+    ("base_lr", -0.1, "base_lr must be positive and finite, got -0.1"),
+    ("ema_momentum", 2.0, "ema_momentum must be in [0, 1], got 2.0"),  # trained without complaint
+    ("ema_momentum", NAN, "ema_momentum must be in [0, 1], got nan"),
+    ("mix_weight", -1.0, "mix_weight must be finite and >= 0, got -1.0"),
+    ("mix_weight", NAN, "mix_weight must be finite and >= 0, got nan"),
+    ("weight_decay", INF, "weight_decay must be finite and >= 0, got inf"),
+    ("momentum", -0.9, "momentum must be finite and >= 0, got -0.9"),
+    ("warmup_epochs", -1, "warmup_epochs must be >= 0, got -1"),
+    ("clim_start_epoch", -1, "clim_start_epoch must be >= 0, got -1"),
+    ("keep_checkpoints", -1, "keep_checkpoints must be >= 0, got -1"),
+    ("workers", -1, "workers must be >= 0, got -1"),
+    ("seed", -1, "seed must be >= 0, got -1"),  # a numpy ValueError traceback when the first epoch is drawn
+    ("dali_threads", 0, "dali_threads must be at least 1, got 0"),
+    ("epochs", "3", "epochs must be an integer, got '3'"),
+    ("epochs", 2.5, "epochs must be an integer, got 2.5"),
+    ("cosine", 1, "cosine must be true or false, got 1"),
+])
+def test_out_of_range_and_wrong_typed_values_are_refused(field, value, needle):
+    with pytest.raises(UserError) as err:
+        make_config("clim", {field: value})
+    assert str(err.value) == f"config: {needle}"
+
+
+def test_edge_values_that_mean_something_are_accepted():
+    cfg = make_config("clim", dict(keep_checkpoints=0, workers=0, warmup_epochs=0, clim_start_epoch=0, mix_weight=0,
+                                   weight_decay=0, momentum=0, ema_momentum=1, dali_threads=1, base_lr=1))
+    assert (cfg.keep_checkpoints, cfg.workers, cfg.ema_momentum) == (0, 0, 1.0)
+    assert isinstance(cfg.base_lr, float) and isinstance(cfg.mix_weight, float)  # JSON 1 for a float field is 1.0
+    make_config("clim", dict(ema_momentum=0.0))
+
+
+@pytest.mark.parametrize("content,needle", [
+    ("[1, 2]", "config: expected a mapping of config fields, got a list"),  # a TypeError traceback
+    ('{"epochs": "3"}', "config: epochs must be an integer, got '3'"),  # a TypeError traceback
+    ('{"alpha": null}', "config: alpha must be a number, got None"),
+    ('{"temperature": NaN}', "config: temperature must be positive and finite, got nan"),
+    ('{"nope": 1}', "config: unknown field(s) nope"),
+])
+def test_a_bad_config_json_is_one_line_naming_the_file(tmp_path, content, needle):
+    path = tmp_path / "config.json"
+    path.write_text(content)
+    with pytest.raises(UserError) as err:
+        Config.load(path)
+    assert str(err.value) == f"{path}: {needle}"
