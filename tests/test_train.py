@@ -210,3 +210,24 @@ def test_a_few_epochs_on_real_images_lower_the_loss(shard_dir, tmp_path):
     assert sorted(p.name for p in (run / "tables").iterdir()) == ["table-epoch-0000.npz", "table-epoch-0003.npz"]
     _, cfg, ckpt = model_from_checkpoint(run / "checkpoints" / "last.pt")
     assert ckpt["epoch"] == 5 and ckpt["table_path"].endswith("table-epoch-0003.npz") and cfg.mix == "cutmix"
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(nnodes=2, node_rank=5), "--node-rank 5: must be in 0..1 (--nnodes 2)"),  # waited 30 min in TCPStore
+    (dict(nnodes=2, node_rank=-1), "--node-rank -1: must be in 0..1 (--nnodes 2)"),
+    (dict(nnodes=0), "--nnodes 0: must be at least 1"),  # was a misleading batch-size error
+    (dict(master_port=70000), "--master-port 70000: must be in 1..65535"),
+    (dict(master_port=0), "--master-port 0: must be in 1..65535"),
+], ids=["rank-high", "rank-neg", "nnodes-0", "port-high", "port-0"])
+def test_bad_node_options_are_refused_before_anything_starts(tmp_path, monkeypatch, options, message):
+    from clim_fast.training.launch import plan_launch
+    from shards.errors import UserError
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(UserError) as err:
+        plan_launch(gpus=0, cpu_procs=1, **options)
+    assert str(err.value) == message
+    with pytest.raises(UserError, match="^--node-rank 2"):  # run_training plans the launch before it makes RUN
+        run_training(tiny(), SyntheticData(32), tmp_path / "run", progress=False, nnodes=2, node_rank=2)
+    assert not (tmp_path / "run").exists()

@@ -82,9 +82,15 @@ class Launch:
 
 def plan_launch(*, gpus: int, cpu_procs: int, nnodes: int = 1, node_rank: int = 0, master_addr: str | None = None,
                 master_port: int | None = None, share_gpu: bool = False) -> Launch:
-    launched = detect_launcher()
     if gpus < 0 or cpu_procs < 1:
         raise UserError("--gpus must be >= 0 and --cpu-procs >= 1")
+    if nnodes < 1:
+        raise UserError(f"--nnodes {nnodes}: must be at least 1")
+    if not 0 <= node_rank < nnodes:  # a rank no node group has: the rendezvous would wait for it (30 min)
+        raise UserError(f"--node-rank {node_rank}: must be in 0..{nnodes - 1} (--nnodes {nnodes})")
+    if master_port is not None and not 1 <= master_port <= 65535:
+        raise UserError(f"--master-port {master_port}: must be in 1..65535")
+    launched = detect_launcher()
     if launched is not None:
         launch = Launch(gpus, 1, launched.world_size, launched.rank, launched.master_addr, launched.master_port,
                         launched, share_gpu)
