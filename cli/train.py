@@ -40,13 +40,10 @@ def register(app: typer.Typer) -> None:
         """Pretrain MoCo v2 / CLIM on shards."""
         import torch
 
-        from clim_fast.training.checkpoint import check_fresh_run_folder
         from clim_fast.training.loop import run_training
 
         if gpus is None:
             gpus = torch.cuda.device_count()
-        if not resume:
-            check_fresh_run_folder(out)  # an earlier run's checkpoints are never overwritten by a fresh start
 
         overrides = dict(epochs=epochs, batch_size=batch_size, arch=arch, image_size=image_size,
                          init_table=str(table) if table else None, compile=True if compile else None)

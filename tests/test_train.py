@@ -231,3 +231,16 @@ def test_bad_node_options_are_refused_before_anything_starts(tmp_path, monkeypat
     with pytest.raises(UserError, match="^--node-rank 2"):  # run_training plans the launch before it makes RUN
         run_training(tiny(), SyntheticData(32), tmp_path / "run", progress=False, nnodes=2, node_rank=2)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_fresh_run_training_never_overwrites_an_earlier_run(tmp_path):
+    """The Python API is protected like `clim-fast train` (which used to be the only one checking)."""
+    from shards.errors import UserError
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "log.jsonl").write_text('{"kind": "epoch"}\n')
+    with pytest.raises(UserError, match="holds an earlier run \\(log.jsonl\\)"):  # was: trained over it
+        run_training(tiny(), SyntheticData(32), run, progress=False)
+    assert sorted(p.name for p in run.iterdir()) == ["log.jsonl"]
+    assert (run / "log.jsonl").read_text() == '{"kind": "epoch"}\n'

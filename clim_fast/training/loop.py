@@ -28,8 +28,9 @@ from clim_fast.config import Config
 from clim_fast.data import loader_options
 from clim_fast.method.clim import CLIM
 from clim_fast.mining.rounds import ROUND_PARTS, OnlineMining, is_refresh_epoch, positives_active
-from clim_fast.training.checkpoint import (capture_rng, epoch_checkpoint_name, find_resume_checkpoint, load_checkpoint,
-                                           load_model_state, prune_epoch_checkpoints, restore_rng, save_checkpoint)
+from clim_fast.training.checkpoint import (capture_rng, check_fresh_run_folder, epoch_checkpoint_name,
+                                           find_resume_checkpoint, load_checkpoint, load_model_state,
+                                           prune_epoch_checkpoints, restore_rng, save_checkpoint)
 from clim_fast.training.launch import Launch, plan_launch, spawn, user_errors_to
 from clim_fast.training.metrics import RunLog, ThroughputMeter, gpu_memory_gb
 from clim_fast.training.step import grad_scaler, train_step
@@ -100,9 +101,12 @@ def run_training(cfg: Config, shards, out: str | Path, *, gpus: int = 0, cpu_pro
                  progress: bool | None = None, share_gpu: bool = False) -> Path:
     """Train; returns the final checkpoint path (RUN/checkpoints/last.pt).
 
-    `shards` is a shard folder, a ShardDataset, or an object shaped like ShardData (tests)."""
-    data = shards if hasattr(shards, "loader") else ShardData(shards)
+    `shards` is a shard folder, a ShardDataset, or an object shaped like ShardData (tests). A fresh
+    start (no `resume`) refuses an `out` that holds an earlier run or is a shard folder, first."""
     out = Path(out)
+    if is_fresh_start(resume):  # before any other check, and before anything is written
+        check_fresh_run_folder(out)
+    data = shards if hasattr(shards, "loader") else ShardData(shards)
     launch = plan_launch(gpus=gpus, cpu_procs=cpu_procs, nnodes=nnodes, node_rank=node_rank,
                          master_addr=master_addr, master_port=master_port, share_gpu=share_gpu)
     check_batch(data.num_samples, cfg.batch_size, launch.world_size)
@@ -123,9 +127,14 @@ def run_training(cfg: Config, shards, out: str | Path, *, gpus: int = 0, cpu_pro
     return last_checkpoint(out)
 
 
+def is_fresh_start(resume) -> bool:
+    """No --resume: a new run in RUN (run_training checks RUN holds no earlier one)."""
+    return resume is None or str(resume) == ""
+
+
 def resolve_resume(resume, out: Path, cfg: Config, data) -> Path | None:
     """None (fresh start) or a checkpoint path that matches this run; UserError otherwise."""
-    if resume is None or str(resume) == "":
+    if is_fresh_start(resume):
         return None
     if str(resume) in ("auto", "fresh"):
         found = find_resume_checkpoint(out, allow_broken=str(resume) == "fresh")
