@@ -740,3 +740,21 @@ def test_eval_options_out_of_range_are_refused_before_any_work(checkpoint, shard
              "cpu", "--workers", "0", "--threads", "1", *options)
     assert needle in str(err.value)
     assert not list(tmp_path.glob("features-*"))
+
+
+# ------------------------------------------------------------------------------ 18. config values and node options
+
+@pytest.mark.parametrize("saved,args,needle", [
+    ("[1, 2]", [], "{saved}: config: expected a mapping of config fields, got a list"),  # a TypeError traceback
+    ('{"epochs": "3"}', [], "{saved}: config: epochs must be an integer, got '3'"),  # a TypeError traceback
+    ('{"epochs": 3}', ["--set", "checkpoint_every=0"], "config: checkpoint_every must be positive, got 0"),
+    ('{"epochs": 3}', ["--nnodes", "2", "--node-rank", "5"], "--node-rank 5: must be in 0..1 (--nnodes 2)"),
+], ids=["list", "wrong-type", "set-zero", "node-rank"])
+def test_train_resume_with_a_bad_config_or_option_is_a_one_line_error(shard_dir, tmp_path, saved, args, needle):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(saved)
+    with pytest.raises(UserError) as err:
+        _cli("train", "--shards", shard_dir, "--out", run, "--gpus", "0", "--resume", "auto", *args)
+    assert str(err.value) == needle.format(saved=run / "config.json")
+    assert sorted(p.name for p in run.iterdir()) == ["config.json"] and (run / "config.json").read_text() == saved
