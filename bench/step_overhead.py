@@ -39,13 +39,11 @@ def momentum_update_before(self) -> None:
 
 
 def with_torch_batchnorm(model: torch.nn.Module) -> None:
-    """Swap every backbone.BatchNorm2d for torch's, state included."""
-    for module in list(model.modules()):
-        for name, child in module.named_children():
-            if isinstance(child, torch.nn.BatchNorm2d) and type(child) is not torch.nn.BatchNorm2d:
-                plain = torch.nn.BatchNorm2d(child.num_features, child.eps, child.momentum)
-                plain.load_state_dict(child.state_dict())
-                setattr(module, name, plain)
+    """Every backbone.BatchNorm2d becomes torch's own class, keeping its parameters and buffers (the
+    optimizer's and the device's)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.__class__ = torch.nn.BatchNorm2d
 
 
 def step_fn(cfg, device, baseline: bool):
