@@ -123,7 +123,7 @@ else
     # GPU tensors (NCCL refuses two ranks on one device)
     TRAIN2_SET="arch=resnet18 image_size=64 batch_size=256 queue_size=4096 workers=4 dali_threads=2 epochs=2
                 mine_every=1 clusters=64 knn_k=20 log_every=10"
-    BOX_TESTS=150; BOX_DATA=90; BOX_TRAIN1=${BOX_TRAIN1:-160}; BOX_TRAIN2=${BOX_TRAIN2:-100}; BOX_TS=170; BOX_MINE=60; BOX_LOADER=120
+    BOX_TESTS=150; BOX_DATA=90; BOX_TRAIN1=${BOX_TRAIN1:-160}; BOX_TRAIN2=${BOX_TRAIN2:-100}; BOX_TS=195; BOX_MINE=60; BOX_LOADER=120
     BOX_TRAIN_2RANK=150; BOX_DEMO=300
 fi
 CLASSES=10
