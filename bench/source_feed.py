@@ -1,9 +1,11 @@
-"""Main-thread CPU time of feeding DALI from the parallel external source, per sample: the source
-called per sample (DALI's batch=False mode, the baseline: what the graphs did before) against one
-call per batch with the parameter outputs stacked (batch=True, what `dali_pipelines.external`
-does now), side by side in one run. Both run the same `AugmentSource` (moco_v2 views, and
-clim_multires views with positives) in a pipeline that only reads the source's outputs, so the
-time is DALI's feeding in the main process: the thread that also launches the training step.
+"""Main-thread CPU time of feeding DALI from the parallel external source, per sample, three ways
+side by side in one run: the source called per sample (DALI's batch=False mode, the first
+baseline), one call per batch with the parameters stacked but the JPEGs as a list (the second),
+and one call per batch with small JPEGs as one zero-padded array plus their lengths (what
+`dali_pipelines.external` does now). All run the same `AugmentSource` (moco_v2 views, and
+clim_multires views with positives, on 28-36 px JPEGs) in a pipeline that only reads the
+source's outputs, so the time is DALI's feeding in the main process: the thread that also
+launches the training step.
 
     python bench/source_feed.py [--batch 128] [--workers 2] [--batches 30] [--json out.json]
 """
@@ -19,6 +21,7 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "tests")]
 
+import numpy as np  # noqa: E402
 from clim_fast.machine import machine_info  # noqa: E402
 from loader import random_table  # noqa: E402  (bench/loader.py)
 
@@ -33,6 +36,23 @@ class PerSample:
         return self.source.sample(sample_info.idx_in_epoch)
 
 
+class ListedJpegs:
+    """The second baseline: a batch per call, but each JPEG column as a list (with its lengths)."""
+
+    def __init__(self, source, jpeg_columns):
+        self.source, self.jpeg_columns = source, jpeg_columns
+
+    def __call__(self, batch_index):
+        from dali_pipelines.external import batch_range
+
+        samples = [self.source.sample(idx) for idx in batch_range(batch_index, self.source.local_batch)]
+        out = []
+        for i, column in enumerate(zip(*samples)):
+            out += [list(column), np.array([[len(j)] for j in column], np.int32)] if i in self.jpeg_columns \
+                else [np.stack(column)]
+        return tuple(out)
+
+
 class FixedTables:
     """One neighbour table for every epoch (picklable into the workers)."""
 
@@ -43,19 +63,23 @@ class FixedTables:
         return self.arrays
 
 
-def feed_seconds(source, outputs: int, per_sample: bool, batch: int, workers: int, batches: int) -> float:
+def feed_seconds(source, streams: int, per_sample: bool, batch: int, workers: int, batches: int) -> float:
     """CPU seconds of the main thread per batch (time.thread_time: waiting for the workers does
     not count, so the figure is the feeding work itself whatever the number of cores)."""
     from nvidia.dali import fn, pipeline_def
 
+    import nvidia.dali.types as types
+
     from dali_pipelines.pretrain import _SOURCE_DTYPES
 
+    # a per-sample call returns the sample's outputs, without the JPEG lengths a batch adds
+    dtypes = [types.UINT8, types.FLOAT, types.INT32, types.INT64] if per_sample else _SOURCE_DTYPES
     @pipeline_def(batch_size=batch, num_threads=1, device_id=None, py_num_workers=workers,
                   py_start_method="spawn", prefetch_queue_depth=2)
     def graph():
-        return tuple(fn.external_source(source=PerSample(source) if per_sample else source, num_outputs=outputs,
-                                        batch=not per_sample, parallel=True, prefetch_queue_depth=2,
-                                        dtype=_SOURCE_DTYPES * (outputs // 4)))
+        return tuple(fn.external_source(source=PerSample(source) if per_sample else source,
+                                        num_outputs=len(dtypes) * streams, batch=not per_sample, parallel=True,
+                                        prefetch_queue_depth=2, dtype=dtypes * streams))
 
     pipe = graph()
     pipe.build()
@@ -94,11 +118,14 @@ def main() -> None:
             source = AugmentSource(ShardReader(ds), num_samples=ds.num_samples, global_batch=args.batch, rank=0,
                                    world_size=1, seed=0, start=0, anchor_views=views, positive_views=positives,
                                    tables=FixedTables(table) if positives else None)
-            outputs = 4 * (1 + bool(positives))
-            per_sample = feed_seconds(source, outputs, True, args.batch, args.workers, args.batches)
-            batched = feed_seconds(source, outputs, False, args.batch, args.workers, args.batches)
+            streams = 1 + bool(positives)
+            per_sample = feed_seconds(source, streams, True, args.batch, args.workers, args.batches)
+            listed = feed_seconds(ListedJpegs(source, (0, 4)), streams, False, args.batch, args.workers, args.batches)
+            padded = feed_seconds(source, streams, False, args.batch, args.workers, args.batches)
             row = {"preset": name, "per_sample_call_us_per_sample": 1e6 * per_sample / args.batch,
-                   "batch_call_us_per_sample": 1e6 * batched / args.batch, "ratio": per_sample / batched}
+                   "batch_call_listed_jpegs_us_per_sample": 1e6 * listed / args.batch,
+                   "batch_call_padded_jpegs_us_per_sample": 1e6 * padded / args.batch,
+                   "ratio_vs_per_sample": per_sample / padded, "ratio_vs_listed_jpegs": listed / padded}
             results["rows"].append(row)
             print(json.dumps(row), flush=True)
     print(json.dumps(results["machine"]))

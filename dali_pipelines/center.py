@@ -19,15 +19,16 @@ from nvidia.dali import pipeline_def
 from dali_pipelines.epochs import PAD_ID, eval_share
 from dali_pipelines.external import IdListSource, ShardReader
 from dali_pipelines.loader import BatchStream, ClosedOnExit, Settings, as_dataset
-from dali_pipelines.ops import center_view, decode, source_kwargs
+from dali_pipelines.ops import center_view, decode, jpeg_bytes, source_kwargs
 from shards.errors import UserError
 
 
 @pipeline_def
 def center_graph(source, image_size, gpu, dali_dtype, parallel, hw_decoder_load=0.65, cpu_decode=False):
-    jpeg, roi, meta = fn.external_source(source=source, num_outputs=3, batch=True,
-                                         dtype=[types.UINT8, types.FLOAT, types.INT64], **source_kwargs(parallel))
-    image = decode(jpeg, gpu, hw_decoder_load, cpu_decode)
+    jpeg, length, roi, meta = fn.external_source(source=source, num_outputs=4, batch=True,
+                                                 dtype=[types.UINT8, types.INT32, types.FLOAT, types.INT64],
+                                                 **source_kwargs(parallel))
+    image = decode(jpeg_bytes(jpeg, length), gpu, hw_decoder_load, cpu_decode)
     return center_view(image, roi, image_size, dali_dtype), meta.gpu() if gpu else meta
 
 

@@ -5,9 +5,10 @@ numbers; the per-sample index, the tar mmaps and the neighbour tables (.npy pair
 lazily on first use inside each worker.
 
 Each call makes one whole batch (DALI's batch mode): the per-parameter arrays go to DALI stacked,
-one array per output, so the main process, which feeds DALI, handles a few arrays a batch instead
-of several per sample (it was about 66 us a sample on a 2-core CPU, in the thread that also
-launches the training step). `sample(idx)` is the per-sample function behind it.
+one array per output, and small JPEGs as one padded array (`jpeg_batch`), so the main process,
+which feeds DALI, handles a few arrays a batch instead of several per sample (it was about 66 us
+a sample on a 2-core CPU, in the thread that also launches the training step). `sample(idx)` is
+the per-sample function behind it.
 
 Every source is an endless stream: DALI's batch index never resets (the loaders never call
 `pipe.reset()`), so stream sample `idx` = batch index x local batch + position in the batch, and
@@ -132,18 +133,43 @@ def batch_range(batch_index: int, local_batch: int) -> range:
     return range(batch_index * local_batch, (batch_index + 1) * local_batch)
 
 
+PAD_SLACK = 16 * 1024  # bytes of padding a JPEG may cost on average before a list is cheaper
+
+
+def jpeg_batch(jpegs: list[np.ndarray]) -> tuple:
+    """A batch of JPEG byte strings as DALI takes them cheapest, and their lengths (int32 [B, 1];
+    the graph cuts each sample to its length, `ops.jpeg_bytes`).
+
+    DALI's feeding costs the main process microseconds per list element (6-17 us a JPEG: more than
+    the rest of a 32 px batch), but one array a batch costs one memcpy. So the batch goes as one
+    zero-padded uint8 [B, longest] array when the padding averages at most `PAD_SLACK` bytes a
+    JPEG (small images), else as the list (ImageNet's sizes spread too far to pad)."""
+    lengths = np.array([[len(j)] for j in jpegs], np.int32)
+    longest = int(lengths.max())
+    if longest * len(jpegs) - int(lengths.sum()) > PAD_SLACK * len(jpegs):
+        return list(jpegs), lengths
+    padded = np.zeros((len(jpegs), longest), np.uint8)
+    for row, jpeg in zip(padded, jpegs):
+        row[:len(jpeg)] = jpeg
+    return padded, lengths
+
+
 def stack_batch(samples: list[tuple], jpegs: tuple[int, ...]) -> tuple:
-    """Per-sample output tuples -> one entry per output: a list of arrays for the JPEG bytes
-    (their lengths differ), one stacked array for every other output."""
-    return tuple(list(column) if i in jpegs else np.stack(column) for i, column in enumerate(zip(*samples)))
+    """Per-sample output tuples -> the batch's outputs: each JPEG column becomes two (`jpeg_batch`:
+    the bytes and their lengths), every other column one stacked array."""
+    out = []
+    for i, column in enumerate(zip(*samples)):
+        out += jpeg_batch(column) if i in jpegs else (np.stack(column),)
+    return tuple(out)
 
 
 class AugmentSource:
     """Anchor (and, with a table, positive) JPEG bytes plus the parameters of every view.
 
-    Outputs per sample: anchor jpeg uint8[n], anchor params float32[Va, 9], anchor flips int32[Va],
-    meta int64[2] (id, label); with positive views also positive jpeg, params, flips and
-    pos_id int64[1]. Every draw is seeded by (seed, epoch, anchor id, stream).
+    Outputs per sample (`sample`): anchor jpeg uint8[n], anchor params float32[Va, 9], anchor flips
+    int32[Va], meta int64[2] (id, label); with positive views also positive jpeg, params, flips and
+    pos_id int64[1]. A batch (`__call__`) has each jpeg followed by its length (`stack_batch`).
+    Every draw is seeded by (seed, epoch, anchor id, stream).
 
     Sample `idx` of the stream is position `(start + idx) % share_len` of epoch
     `(start + idx) // share_len`, where `share_len` = steps per epoch x the rank's batch.
@@ -207,7 +233,7 @@ class AugmentSource:
         return out
 
     def __call__(self, batch_index: int):
-        """Batch `batch_index` of the stream: jpeg lists, parameters stacked per output."""
+        """Batch `batch_index` of the stream: per jpeg its batch and lengths, parameters stacked."""
         return stack_batch([self.sample(idx) for idx in batch_range(batch_index, self.local_batch)], jpegs=(0, 4))
 
     def sample(self, idx: int):
@@ -226,8 +252,8 @@ class AugmentSource:
 
 class IdListSource:
     """A fixed id list (an `eval_share`) read over and over: jpeg uint8[n], centre-crop ROI
-    float32[4], meta int64[2] (id or PAD_ID, label). Padding slots repeat sample 0 (dropped on the
-    torch side)."""
+    float32[4], meta int64[2] (id or PAD_ID, label) per sample; a batch has the jpeg's lengths
+    after it. Padding slots repeat sample 0 (dropped on the torch side)."""
 
     def __init__(self, reader: ShardReader, ids: np.ndarray, image_size: int, local_batch: int):
         self.reader = reader

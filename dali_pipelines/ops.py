@@ -8,6 +8,7 @@ normalisation to the graph, reading its parameters from the external source's pe
 
 from __future__ import annotations
 
+import numpy as np
 import nvidia.dali.fn as fn
 import nvidia.dali.types as types
 
@@ -17,12 +18,20 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _MEAN_255 = [255 * m for m in IMAGENET_MEAN]
 _STD_255 = [255 * s for s in IMAGENET_STD]
+_ZERO = np.zeros(1, np.int32)
 
 
 def source_kwargs(parallel: bool) -> dict:
     """external_source arguments for a batch source: in the worker processes, two batches at a
     time (each batch is one worker's)."""
     return dict(parallel=True, prefetch_queue_depth=2) if parallel else dict(parallel=False)
+
+
+def jpeg_bytes(jpegs, lengths):
+    """Each sample's JPEG cut to its length: the source sends small JPEGs zero-padded to the
+    batch's longest (`external.jpeg_batch`); a list is cut to its own length (a copy, cheap beside
+    the decode)."""
+    return fn.slice(jpegs, _ZERO, lengths, axes=[0])
 
 
 def decode(jpegs, gpu: bool, hw_decoder_load: float = 0.65, cpu_decode: bool = False):

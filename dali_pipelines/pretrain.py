@@ -21,9 +21,9 @@ from dali_pipelines.augment import MOCO_SCALE, ViewSpec, moco_views
 from dali_pipelines.external import AugmentSource, TableBook, epoch_pointer, publish_table
 from dali_pipelines.loader import BatchStream, EpochLoader, Scratch
 from dali_pipelines.names import anchor_view_names, positive_view_names
-from dali_pipelines.ops import augmented_view, decode, source_kwargs
+from dali_pipelines.ops import augmented_view, decode, jpeg_bytes, source_kwargs
 
-_SOURCE_DTYPES = [types.UINT8, types.FLOAT, types.INT32, types.INT64]
+_SOURCE_DTYPES = [types.UINT8, types.INT32, types.FLOAT, types.INT32, types.INT64]  # AugmentSource's batch
 
 
 @pipeline_def(enable_conditionals=True)
@@ -31,15 +31,16 @@ def augment_graph(source, anchor_views, positive_views, gpu, dali_dtype, paralle
                   cpu_decode=False):
     """Outputs: one per anchor view, `meta` (id, label); then one per positive view and `pos_id`.
     On the GPU every output is a GPU tensor (the small int64 ones are copied by DALI)."""
-    outs = fn.external_source(source=source, num_outputs=4 * (1 + bool(positive_views)), batch=True,
-                              dtype=_SOURCE_DTYPES * (1 + bool(positive_views)), **source_kwargs(parallel))
-    jpeg, params, flips, meta = outs[:4]
-    image = decode(jpeg, gpu, hw_decoder_load, cpu_decode)
+    streams = 1 + bool(positive_views)
+    outs = fn.external_source(source=source, num_outputs=len(_SOURCE_DTYPES) * streams, batch=True,
+                              dtype=_SOURCE_DTYPES * streams, **source_kwargs(parallel))
+    jpeg, length, params, flips, meta = outs[:5]
+    image = decode(jpeg_bytes(jpeg, length), gpu, hw_decoder_load, cpu_decode)
     result = [augmented_view(image, params, flips, v, spec, dali_dtype) for v, spec in enumerate(anchor_views)]
     result.append(meta.gpu() if gpu else meta)
     if positive_views:
-        pjpeg, pparams, pflips, pos_id = outs[4:]
-        pimage = decode(pjpeg, gpu, hw_decoder_load, cpu_decode)
+        pjpeg, plength, pparams, pflips, pos_id = outs[5:]
+        pimage = decode(jpeg_bytes(pjpeg, plength), gpu, hw_decoder_load, cpu_decode)
         result += [augmented_view(pimage, pparams, pflips, v, spec, dali_dtype)
                    for v, spec in enumerate(positive_views)]
         result.append(pos_id.gpu() if gpu else pos_id)

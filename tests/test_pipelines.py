@@ -19,7 +19,8 @@ from dali_pipelines import FeatureLoader, LinearTrainLoader, PretrainLoader, epo
 from dali_pipelines.augment import (BLUR_SIGMA, BRIGHTNESS, CONTRAST, HUE_DEG, LINEAR_SCALE, SATURATION, ViewSpec,
                                     draw_views, moco_views, sample_rng)
 from dali_pipelines.ops import IMAGENET_MEAN, IMAGENET_STD
-from dali_pipelines.external import AugmentSource, ShardReader, draw_positive
+from dali_pipelines import external
+from dali_pipelines.external import PAD_SLACK, AugmentSource, ShardReader, draw_positive, jpeg_batch
 from shards import ShardDataset
 
 SIZE = 32
@@ -287,6 +288,44 @@ def test_output_statistics_match_torchvision_aug_plus(parallel_run, dataset):
     gray = lambda x: ((x * torch.tensor(IMAGENET_STD)[:, None, None] + torch.tensor(IMAGENET_MEAN)[:, None, None])
                       .diff(dim=1).abs().amax(dim=(1, 2, 3)) < 0.02)
     assert abs(gray(ours).float().mean() - gray(ref).float().mean()) < 0.12
+
+
+# --- JPEG batches: one padded array or a list ---------------------------------------------------
+
+def test_jpeg_batch_pads_small_jpegs_and_lists_spread_ones():
+    small = [np.arange(n, dtype=np.uint8) for n in (900, 1500, 1200)]
+    padded, lengths = jpeg_batch(small)
+    assert isinstance(padded, np.ndarray) and padded.shape == (3, 1500) and padded.dtype == np.uint8
+    assert lengths.dtype == np.int32 and lengths[:, 0].tolist() == [900, 1500, 1200]
+    assert all(np.array_equal(row[:n], j) and not row[n:].any() for row, n, j in zip(padded, lengths[:, 0], small))
+    spread = [np.ones(n, np.uint8) for n in (1000, 1000, PAD_SLACK * 2 + 1000)]
+    as_list, lengths = jpeg_batch(spread)
+    assert isinstance(as_list, list) and [len(j) for j in as_list] == lengths[:, 0].tolist()
+
+
+def test_listed_jpegs_give_the_padded_batches(dataset, table, monkeypatch):
+    """The graph cuts each JPEG to its length whichever way the batch came: equal outputs."""
+    def read(**kwargs):
+        loader = PretrainLoader(dataset, batch_size=BATCH, image_size=SIZE, workers=0, table=table,
+                                multires_sizes=(24,), seed=5)
+        loader.set_epoch(0)
+        batches = list(loader)[:2]
+        loader.close()
+        centre = FeatureLoader(dataset, batch_size=16, image_size=SIZE, workers=0)
+        batches.append(next(iter(centre)))
+        centre.close()
+        return batches
+
+    kinds = []
+    original = external.jpeg_batch
+    monkeypatch.setattr(external, "jpeg_batch", lambda jpegs: kinds.append(type(original(jpegs)[0])) or original(jpegs))
+    padded = read()
+    assert set(kinds) == {np.ndarray}
+    kinds.clear()
+    monkeypatch.setattr(external, "PAD_SLACK", -1)  # never pad
+    listed = read()
+    assert set(kinds) == {list}
+    assert same_batches(padded, listed)
 
 
 # --- feature / linear loaders -----------------------------------------------------------------
