@@ -14,6 +14,12 @@ KEEP, REENCODE, SKIP = "keep", "reencode", "skip"
 REENCODE_QUALITY = 95
 _JPEG_FORMATS = ("JPEG", "MPO")  # MPO: a camera JPEG with extra frames; the first frame is a plain JPEG
 _EXIF_ORIENTATION = 0x0112
+# A Huffman-coded JPEG spends at least 2 bits on every 8x8 block of its full-resolution component
+# (a DC code and an end-of-block code; a solid grey image measures 2.0). Half of that is the floor:
+# a file under it ends its scan early, and decoders fill the rest with grey (PIL, libjpeg-turbo and
+# nvJPEG do not complain), so a 20 KB file can claim 12000 x 9000 and cost a 324 MB decode a view.
+_MIN_BITS_PER_BLOCK = 1
+_ARITHMETIC_SOF = {0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}  # arithmetic coding can go below the floor
 
 
 class Checked(NamedTuple):
@@ -43,6 +49,8 @@ def check_bytes(data: bytes, max_side: int | None = None) -> Checked:
     try:
         with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
+            if img.format in _JPEG_FORMATS and _too_short(data, width, height):
+                return _skip(f"truncated (its JPEG data, {len(data)} bytes, is too short for {width} x {height})")
             reasons = _reencode_reasons(img, max_side)
             if not reasons:
                 # DCT-scaled decode still entropy-decodes every block, so truncation and corrupt
@@ -61,6 +69,29 @@ def check_bytes(data: bytes, max_side: int | None = None) -> Checked:
         if "truncated" in message or isinstance(e, EOFError):
             return _skip("truncated")
         return _skip(f"corrupt ({message or type(e).__name__})")
+
+
+def _too_short(data: bytes, width: int, height: int) -> bool:
+    if len(data) * 8 >= _MIN_BITS_PER_BLOCK * (width / 8) * (height / 8):
+        return False
+    return not _arithmetic_coded(data)
+
+
+def _arithmetic_coded(data: bytes) -> bool:
+    """Whether a frame header before the first scan says arithmetic coding (the marker segments
+    are walked, so bytes inside an APP segment do not count)."""
+    i = 2  # after SOI
+    while i + 4 <= len(data) and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in _ARITHMETIC_SOF:
+            return True
+        if marker == 0xDA:  # start of scan: the frame header came before
+            return False
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return False
 
 
 def _reencode_reasons(img: Image.Image, max_side: int | None) -> list[str]:

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -758,3 +759,29 @@ def test_train_resume_with_a_bad_config_or_option_is_a_one_line_error(shard_dir,
         _cli("train", "--shards", shard_dir, "--out", run, "--gpus", "0", "--resume", "auto", *args)
     assert str(err.value) == needle.format(saved=run / "config.json")
     assert sorted(p.name for p in run.iterdir()) == ["config.json"] and (run / "config.json").read_text() == saved
+
+
+# --- a JPEG whose header claims far more pixels than its data can hold ----------------------------
+
+def _claimed_size(data: bytes, width: int, height: int) -> bytes:
+    """`data` with its baseline frame header (SOF0) saying width x height."""
+    at = data.index(b"\xff\xc0")
+    return data[:at + 5] + height.to_bytes(2, "big") + width.to_bytes(2, "big") + data[at + 9:]
+
+
+def test_a_jpeg_too_short_for_its_claimed_size_is_skipped_not_decoded_as_grey():
+    from shards.encode import KEEP, REENCODE, SKIP, _arithmetic_coded, check_bytes
+
+    small = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(small, "JPEG", quality=90)
+    hostile = _claimed_size(small.getvalue(), 12000, 9000)  # a few hundred bytes claiming 108 MP
+    checked = check_bytes(hostile)
+    assert checked.action == SKIP and "too short for 12000 x 9000" in checked.reason
+    # the floor is half of what the most compressible image needs: a solid grey 4000 x 3000 stays
+    grey = io.BytesIO()
+    Image.new("L", (4000, 3000), 128).save(grey, "JPEG", quality=1, optimize=True)
+    assert check_bytes(grey.getvalue()).action in (KEEP, REENCODE)  # (a grey JPEG is re-encoded as RGB)
+    # arithmetic coding can go below the floor: only the frame header's marker counts, not APP bytes
+    sof9 = hostile.replace(b"\xff\xc0", b"\xff\xc9", 1)
+    assert _arithmetic_coded(sof9) and not _arithmetic_coded(hostile)
+    assert not _arithmetic_coded(hostile[:2] + b"\xff\xe1\x00\x06\xff\xc9\xff\xc9" + hostile[2:])
