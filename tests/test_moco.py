@@ -71,10 +71,12 @@ def test_momentum_update_formula():
     with torch.no_grad():
         for p in model.encoder_q.parameters():
             p.normal_()
-    before = [p.clone() for p in model.encoder_k.parameters()]
-    model.momentum_update()
-    for k0, q, k1 in zip(before, model.encoder_q.parameters(), model.encoder_k.parameters()):
-        assert torch.allclose(k1, 0.99 * k0 + 0.01 * q, atol=1e-6)
+    for convert in (lambda m: m, lambda m: m.to(torch.float64), copy.deepcopy):
+        model = convert(model)  # the parameter lists are kept from the first update: still the model's
+        before = [p.clone() for p in model.encoder_k.parameters()]
+        model.momentum_update()
+        for k0, q, k1 in zip(before, model.encoder_q.parameters(), model.encoder_k.parameters()):
+            assert torch.allclose(k1, 0.99 * k0 + 0.01 * q, atol=1e-6)
 
 
 def test_queue_rejects_a_batch_that_does_not_divide_it():
