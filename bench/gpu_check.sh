@@ -31,11 +31,13 @@
 #               small JPEGs; the epoch boundary of a persistent loader)
 #   train2      two ranks on the one GPU over gloo (--gpus 2 --share-gpu) with a mining round
 #   demo        `cli demo --budget gpu` (3 seeds); keeps summary.json and report.md
-# Steps that need no DALI (STEPS="ceiling tests_nodali compile mine"):
+# Steps that need no DALI (STEPS="ceiling tests_nodali compile compile_small mine"):
 #   ceiling     bench/train_step.py --full --synthetic-only: the compute ceiling of every preset, where
 #               the GPU time of a clim_multires step goes (profile), cuDNN autotuning off, bf16
 #   compile     clim_multires eager against torch.compile (compile seconds and steady anchors/s); not
 #               in the default list: compiling RN50 took over 95 s before its first step on an H200
+#   compile_small  ResNet-18, 32 px, batch 128, moco_v2 and clim: eager against torch.compile with
+#               CUDA graphs (compile_mode=reduce-overhead), the lever for the launch-bound small-image step
 #   tests_nodali  the GPU-marked tests that do not read shards (compiled step, fp16 and bf16, no sync in the step, kNN, mixing)
 # Results: $OUT/gpu_check.json (every figure, the performance targets (docs/benchmarks.md) next to them, rewritten
 # after every step), $OUT/gpu_check.log (all output), $OUT/train_log.jsonl (the run's log).
@@ -82,6 +84,7 @@ if [ "$SMALL" = 1 ]; then
     PER_CLASS=${PER_CLASS:-12}; SMALL_PER_CLASS=12; SIDE="96 160"; MAXCOUNT=40; PHOTO_ARGS=()
     LOADER_ARGS=(--epochs 1 --images 120 --boundary-epochs 3); TRAIN_STEP_ARGS=(--steps 2)
     SMALL_STEP_ARGS=(--steps 2 --batch 12 --loader-variants 1:1:cpu); LOADER_VARIANTS=(--loader-variants 1:1:0.65)
+    COMPILE_SMALL_ARGS=(--steps 2 --batch 12 --warmup 3)
     SIGTERM_EPOCH=2
     OVERHEAD_ARGS=(--rounds 2 --steps 3)
     MINE_ARGS=(--size small --n 5000 --engines triton)
@@ -105,6 +108,8 @@ else
     # 32 px: nvJPEG's cost per image against the decode itself (all hybrid, or all on DALI's CPU threads)
     SMALL_STEP_ARGS=(--full --arch resnet18 --image-size 32 --batch 128 --row-seconds 5
                      --loader-variants 4:12:0,4:12:cpu)
+    # CUDA graphs record on a compiled call's second run and replay from its third: 8 warm-up steps
+    COMPILE_SMALL_ARGS=(--full --arch resnet18 --image-size 32 --batch 128 --row-seconds 5 --warmup 8)
     SIGTERM_EPOCH=3
     OVERHEAD_ARGS=(--device cuda --image-size 32 --batch 128 --width 64 --rounds 4 --steps 20)
     MINE_ARGS=(--size full --engines triton)
@@ -225,6 +230,8 @@ if [ "${1:-}" = "__step" ]; then
         step_overhead) exec "$PY" bench/step_overhead.py "${OVERHEAD_ARGS[@]}" --json "$WORK/step_overhead.json" ;;
         compile) exec "$PY" bench/train_step.py "${TRAIN_STEP_ARGS[@]}" --synthetic-only --presets clim_multires \
                     --variants compile --json "$WORK/train_step_compile.json" ;;
+        compile_small) exec "$PY" bench/train_step.py "${COMPILE_SMALL_ARGS[@]}" --synthetic-only --presets moco_v2,clim \
+                    --variants compile_graphs --variant-presets moco_v2,clim --json "$WORK/train_step_compile_small.json" ;;
         mine)
             # bench/mine.py's --faiss auto runs faiss for N <= 100k even when it is not installed
             # (ImportError); at --size full it skips faiss without GPUs, so this matters for SMALL
@@ -282,7 +289,7 @@ box_of() {
         meta) echo 90 ;; tests) echo "$BOX_TESTS" ;; data) echo "$BOX_DATA" ;;
         train) echo $((BOX_TRAIN1 + BOX_TRAIN2 + 70)) ;; train_step) echo "$BOX_TS" ;;
         mine) echo "$BOX_MINE" ;; loader) echo "$BOX_LOADER" ;; ceiling) echo 120 ;;
-        tests_nodali) echo 120 ;; compile) echo 200 ;; train_step_small) echo 100 ;; step_overhead) echo 45 ;; train2) echo "$BOX_TRAIN_2RANK" ;;
+        tests_nodali) echo 120 ;; compile) echo 200 ;; compile_small) echo 240 ;; train_step_small) echo 100 ;; step_overhead) echo 45 ;; train2) echo "$BOX_TRAIN_2RANK" ;;
         demo) echo "$BOX_DEMO" ;; *) echo 60 ;;
     esac
 }

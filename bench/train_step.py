@@ -54,7 +54,7 @@ def build(cfg, device, return_model: bool = False):
     if device.type == "cuda" and cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     if cfg.compile:
-        model.compile_encoders()
+        model.compile_encoders(mode=cfg.compile_mode)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, momentum=0.9,
                                 weight_decay=1e-4, fused=device.type == "cuda")
     scaler = grad_scaler(model, device)
@@ -212,9 +212,10 @@ def main() -> None:
     ap.add_argument("--arch", help="override the mode's architecture (e.g. resnet18 for the small-image rows)")
     ap.add_argument("--image-size", type=int, help="override the mode's image size")
     ap.add_argument("--batch", type=int, help="override the mode's batch size")
-    ap.add_argument("--variants", default="", help="extra synthetic rows for clim_multires: "
-                    "no_cudnn_benchmark, compile, bf16, profile (comma-separated; profile: where the GPU time "
-                    "of a step goes, by kernel family)")
+    ap.add_argument("--variants", default="", help="extra synthetic rows: no_cudnn_benchmark, compile, "
+                    "compile_graphs (torch.compile mode reduce-overhead: CUDA graphs), bf16, profile "
+                    "(comma-separated; profile: where the GPU time of a step goes, by kernel family)")
+    ap.add_argument("--variant-presets", default="clim_multires", help="presets of the --variants rows")
     ap.add_argument("--loader-variants", default="", help="extra real rows with other loader settings, "
                     "WORKERS:DALI_THREADS:DECODER,... where DECODER is the hardware decoder's share or cpu "
                     "(config cpu_decode) (e.g. 4:12:0.65,4:12:cpu)")
@@ -283,21 +284,26 @@ def main() -> None:
                     row["real_over_synthetic"] = row["real"]["anchors_per_s"] / ceiling[preset]
                 record(row)
         for variant in filter(None, args.variants.split(",")):
-            cfg = make_config("clim_multires", dict(arch=arch, image_size=size, batch_size=batch,
-                                                    queue_size=batch * 16, compile=variant == "compile",
-                                                    precision="bf16" if variant == "bf16" else "auto"))
-            print(f"variant {variant}: building", flush=True)
-            if device.type == "cuda":
-                torch.backends.cudnn.benchmark = variant != "no_cudnn_benchmark"
-            run_step = build(cfg, device)
-            batches = repeat(synthetic_batch(cfg, device))
-            row = {"preset": "clim_multires", "variant": variant}
-            if variant == "profile":
-                row.update(try_profile(run_step, batches, cfg, device, warmup=warmup))
-            else:
-                row["synthetic"] = measure(run_step, batches, cfg, device, warmup=warmup, steps=steps,
-                                           seconds=box)
-            record(row)
+            for preset in args.variant_presets.split(","):
+                compiled = variant in ("compile", "compile_graphs")
+                cfg = make_config(preset, dict(arch=arch, image_size=size, batch_size=batch, queue_size=batch * 16,
+                                               compile=compiled,
+                                               compile_mode="reduce-overhead" if variant == "compile_graphs" else "default",
+                                               precision="bf16" if variant == "bf16" else "auto"))
+                print(f"variant {variant} ({preset}): building", flush=True)
+                if device.type == "cuda":
+                    torch.backends.cudnn.benchmark = variant != "no_cudnn_benchmark"
+                run_step = build(cfg, device)
+                batches = repeat(synthetic_batch(cfg, device))
+                row = {"preset": preset, "variant": variant}
+                if variant == "profile":
+                    row.update(try_profile(run_step, batches, cfg, device, warmup=warmup))
+                else:
+                    row["synthetic"] = measure(run_step, batches, cfg, device, warmup=warmup, steps=steps,
+                                               seconds=box)
+                    if preset in ceiling:
+                        row["over_eager"] = row["synthetic"]["anchors_per_s"] / ceiling[preset]
+                record(row)
 
 
 if __name__ == "__main__":

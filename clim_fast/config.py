@@ -24,6 +24,8 @@ MIX_METHODS = ("none", "cutmix", "mixup")
 MINE_FEATURES = ("head", "backbone")
 MINE_ENGINES = ("auto", "faiss", "torch")
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
+# torch.compile modes; reduce-overhead replays each compiled encoder call as a CUDA graph
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 MULTIRES_AT_224 = (192, 160, 128, 96)
 
 
@@ -70,6 +72,7 @@ class Config:
     precision: str = "auto"  # auto (fp16 + loss scaling on GPU, fp32 on CPU) | fp16 | bf16 | fp32
     channels_last: bool = True  # GPU only
     compile: bool = False
+    compile_mode: str = "default"  # with compile: default | reduce-overhead (CUDA graphs: small images) | max-autotune...
     checkpoint_every: int = 10  # epochs; a checkpoint is also written at the end
     keep_checkpoints: int = 2
     log_every: int = 20  # steps
@@ -99,7 +102,7 @@ class Config:
         if self.mix not in MIX_METHODS:
             raise UserError(f"config: mix must be one of {', '.join(MIX_METHODS)}, got {self.mix!r}")
         for name, choices in (("mine_feature", MINE_FEATURES), ("mine_engine", MINE_ENGINES),
-                              ("precision", PRECISIONS)):
+                              ("precision", PRECISIONS), ("compile_mode", COMPILE_MODES)):
             if getattr(self, name) not in choices:
                 raise UserError(f"config: {name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         for name in ("image_size", "batch_size", "epochs", "queue_size", "clusters", "knn_k", "mine_every", "width",

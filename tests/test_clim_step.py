@@ -152,3 +152,25 @@ def test_compiled_encoders_trace_three_graphs_and_give_the_eager_steps():
     assert losses1 == pytest.approx(losses0, rel=1e-5)
     assert torch.allclose(queue0, queue1, atol=1e-5)
     assert max((a - b).abs().max().item() for a, b in zip(params0, params1)) < 1e-5
+
+
+def test_compile_mode_reaches_torch_compile_and_cuda_graph_steps_are_marked(monkeypatch):
+    """compile_mode goes to torch.compile as its mode (none for "default"); with reduce-overhead
+    every train_step first tells torch a new step begins (a CUDA graph's outputs of the last step
+    may be overwritten), and without it never does."""
+    from clim_fast.training.step import grad_scaler, train_step
+
+    calls, marks = [], []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: calls.append(kwargs) or fn)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    for mode, expected in (("default", {}), ("reduce-overhead", {"mode": "reduce-overhead"})):
+        calls.clear(), marks.clear()
+        cfg = cfg_for("moco_v2", compile=True, compile_mode=mode)
+        model = CLIM(cfg)
+        model.compile_encoders(mode=cfg.compile_mode)
+        assert calls == [{"backend": "inductor", **expected}] * 2  # query and key encoder
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        scaler = grad_scaler(model, torch.device("cpu"))
+        for step in range(2):
+            train_step(model, model, optimizer, scaler, batch_for(cfg, seed=step))
+        assert len(marks) == (2 if mode == "reduce-overhead" else 0)

@@ -47,6 +47,8 @@ def test_bad_values_and_presets():
         make_config("clim", {"hw_decoder_load": 1.5})
     with pytest.raises(UserError, match="precision"):
         make_config("clim", {"precision": "fp8"})
+    with pytest.raises(UserError, match="compile_mode must be one of default, reduce-overhead"):
+        make_config("clim", {"compile_mode": "cudagraphs"})
 
 
 def test_save_load_round_trip(tmp_path):

@@ -178,7 +178,7 @@ def train_worker(local_rank: int, launch: Launch, cfg: Config, data, out: Path, 
             if device.type == "cuda" and cfg.channels_last:
                 model.to(memory_format=torch.channels_last)
             if cfg.compile:
-                model.compile_encoders()
+                model.compile_encoders(mode=cfg.compile_mode)
             step_fn = model
             if dist.is_distributed():
                 step_fn = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,

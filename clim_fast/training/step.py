@@ -16,6 +16,8 @@ def grad_scaler(model, device: torch.device) -> torch.amp.GradScaler:
 
 def train_step(step_fn, model, optimizer, scaler: torch.amp.GradScaler, batch: dict):
     """forward (`step_fn`: the model or its DDP wrapper), backward, SGD, enqueue. Returns (loss, terms)."""
+    if model.uses_cuda_graphs:  # the graphs' outputs of the last step may be overwritten from here on
+        torch.compiler.cudagraph_mark_step_begin()
     loss, terms = step_fn(batch)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
