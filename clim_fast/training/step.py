@@ -16,10 +16,10 @@ def grad_scaler(model, device: torch.device) -> torch.amp.GradScaler:
 
 def train_step(step_fn, model, optimizer, scaler: torch.amp.GradScaler, batch: dict):
     """forward (`step_fn`: the model or its DDP wrapper), backward, SGD, enqueue. Returns (loss, terms)."""
+    optimizer.zero_grad(set_to_none=True)  # first: no gradient of the last step outlives its CUDA graphs
     if model.uses_cuda_graphs:  # the graphs' outputs of the last step may be overwritten from here on
         torch.compiler.cudagraph_mark_step_begin()
     loss, terms = step_fn(batch)
-    optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()
