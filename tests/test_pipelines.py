@@ -303,6 +303,31 @@ def test_jpeg_batch_pads_small_jpegs_and_lists_spread_ones():
     assert isinstance(as_list, list) and [len(j) for j in as_list] == lengths[:, 0].tolist()
 
 
+def test_the_graph_cuts_each_padded_jpeg_to_its_own_bytes(dataset):
+    """ops.jpeg_bytes hands the decoder exactly the stored JPEG (trailing zeros could trip a
+    decoder that reads to the end: the hardware decoder is not tested on the CPU)."""
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+    from nvidia.dali import pipeline_def
+
+    from dali_pipelines.ops import jpeg_bytes
+
+    stored = [dataset.read(i)[0] for i in range(4)]
+    padded, lengths = jpeg_batch([np.frombuffer(b, np.uint8) for b in stored])
+    assert isinstance(padded, np.ndarray) and len(set(lengths[:, 0])) > 1
+
+    @pipeline_def(batch_size=4, num_threads=1, device_id=None)
+    def graph():
+        data, length = fn.external_source(source=lambda: (padded, lengths), num_outputs=2, batch=True,
+                                          dtype=[types.UINT8, types.INT32])
+        return jpeg_bytes(data, length)
+
+    pipe = graph()
+    pipe.build()
+    (out,) = pipe.run()
+    assert [bytes(np.array(out[i])) for i in range(4)] == stored
+
+
 def test_listed_jpegs_give_the_padded_batches(dataset, table, monkeypatch):
     """The graph cuts each JPEG to its length whichever way the batch came: equal outputs."""
     def read(**kwargs):
