@@ -11,6 +11,7 @@ save, return (`--resume auto` continues bit for bit).
 
 from __future__ import annotations
 
+import inspect
 import math
 import signal
 import sys
@@ -40,6 +41,11 @@ from shards import ShardDataset
 from shards.errors import UserError, os_errors_as_user_errors
 from shards.lock import folder_lock
 from shards.neighbours import NeighbourTable
+
+# DDP must not broadcast buffers before every forward: the queue is kept identical by the enqueue, and
+# each rank's batch-norm statistics are its own. torch 2.14 renamed the option (the old name warns).
+NO_BUFFER_SYNC = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                  else {"broadcast_buffers": False})
 
 # Config fields a resumed run must share with its checkpoint (the rest, e.g. epochs, may change).
 RESUME_FIXED_FIELDS = ("arch", "image_size", "feat_dim", "queue_size", "batch_size", "mix", "multires", "seed")
@@ -182,7 +188,7 @@ def train_worker(local_rank: int, launch: Launch, cfg: Config, data, out: Path, 
             step_fn = model
             if dist.is_distributed():
                 step_fn = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                              broadcast_buffers=False)  # the queue is kept identical by the enqueue
+                              **NO_BUFFER_SYNC)
             optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                         momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                                         fused=device.type == "cuda")
