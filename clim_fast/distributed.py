@@ -83,6 +83,22 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def all_to_all_rows(t: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
+    """Rows of `t`, grouped by destination in rank order (`send_counts[r]` rows for rank r), sent
+    to their ranks; returns the rows received, grouped by source in rank order (`recv_counts[r]`
+    from rank r). Each rank receives only its own rows, not the whole batch. No gradient."""
+    if not is_distributed():
+        return t
+    dev = _comm_device()
+    channels_last = t.ndim == 4 and t.is_contiguous(memory_format=torch.channels_last)
+    # a channels_last batch travels as its NHWC memory (a plain contiguous view: no copy)
+    local = (t.permute(0, 2, 3, 1) if channels_last else t.contiguous()).to(dev)
+    out = local.new_empty((sum(recv_counts), *local.shape[1:]))
+    dist.all_to_all_single(out, local, recv_counts, send_counts)
+    return (out.permute(0, 3, 1, 2) if channels_last else out).to(t.device)
+
+
+@torch.no_grad()
 def all_gather_varlen(t: torch.Tensor) -> torch.Tensor:
     """Like all_gather_cat, but rows per rank may differ."""
     if not is_distributed():
