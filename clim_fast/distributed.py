@@ -13,6 +13,7 @@ import socket
 import torch
 import torch.distributed as dist
 
+from clim_fast.method.transfer import to_device
 from shards.errors import UserError
 
 
@@ -96,6 +97,23 @@ def all_to_all_rows(t: torch.Tensor, send_counts: list[int], recv_counts: list[i
     out = local.new_empty((sum(recv_counts), *local.shape[1:]))
     dist.all_to_all_single(out, local, recv_counts, send_counts)
     return (out.permute(0, 3, 1, 2) if channels_last else out).to(t.device)
+
+
+@torch.no_grad()
+def shuffled_share(t: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """This rank's share of a shuffled global batch: rows perm[r*B:(r+1)*B] of the rank-major
+    concatenation of every rank's `t` (B rows each) on rank r. `perm` (on the CPU) must be the same
+    on every rank. Each rank receives only the rows it gets (`all_to_all_rows`); nothing else
+    moves, and nothing waits for the GPU."""
+    world, rank, b = get_world_size(), get_rank(), t.shape[0]
+    owner, dest = perm // b, torch.arange(world).repeat_interleave(b)  # who holds / who gets each position
+    mine = owner == rank
+    ours = owner[rank * b:(rank + 1) * b]  # the holders of the positions this rank gets
+    received = all_to_all_rows(t[to_device(perm[mine] - rank * b, t.device)],
+                               torch.bincount(dest[mine], minlength=world).tolist(),
+                               torch.bincount(ours, minlength=world).tolist())
+    arrival = torch.argsort(ours, stable=True)  # rows arrive grouped by holder, in position order
+    return received[to_device(torch.argsort(arrival), t.device)]
 
 
 @torch.no_grad()

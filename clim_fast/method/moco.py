@@ -167,23 +167,15 @@ class MoCo(nn.Module):
 
     def _keys_shuffled_across_ranks(self, im_k):
         """Shuffle BN across ranks: rank s encodes samples perm[s*B:(s+1)*B] of the global batch.
-        Each rank sends every other rank just the images it needs (MoCo's reference gathers the
+        Each rank receives just those images (`dist.shuffled_share`; MoCo's reference gathers the
         whole global batch onto every rank: world size times the traffic); the keys come back by
         an all-gather (B x 128 a rank)."""
-        world, rank, b = dist.get_world_size(), dist.get_rank(), im_k.shape[0]
+        world, rank = dist.get_world_size(), dist.get_rank()
         if torch.is_autocast_enabled(im_k.device.type):  # the encoder reads half precision anyway: send that
             im_k = im_k.to(torch.get_autocast_dtype(im_k.device.type))
         # every rank draws the same permutation from the same stream: no broadcast needed
-        perm = torch.randperm(world * b, generator=self.shuffle_generator)
-        owner, dest = perm // b, torch.arange(world).repeat_interleave(b)  # who holds / who encodes each position
-        mine = owner == rank
-        ours = owner[rank * b:(rank + 1) * b]  # the owners of the positions this rank encodes
-        arrival = torch.argsort(ours, stable=True)  # the positions in the order their rows arrive
-        received = dist.all_to_all_rows(im_k[to_device(perm[mine] - rank * b, im_k.device)],
-                                        torch.bincount(dest[mine], minlength=world).tolist(),
-                                        torch.bincount(ours, minlength=world).tolist())
-        shuffled = received[to_device(torch.argsort(arrival), im_k.device)]
-        k = F.normalize(self.encoder_k(shuffled).float(), dim=1)
+        perm = torch.randperm(world * im_k.shape[0], generator=self.shuffle_generator)
+        k = F.normalize(self.encoder_k(dist.shuffled_share(im_k, perm)).float(), dim=1)
         k_all = dist.all_gather_cat(k)
         return k_all[to_device(torch.argsort(perm).view(world, -1)[rank], im_k.device)]
 
