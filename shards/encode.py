@@ -6,6 +6,7 @@ Runs in worker processes, so it imports only PIL and the standard library.
 from __future__ import annotations
 
 import io
+import warnings
 from typing import NamedTuple
 
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -47,7 +48,12 @@ def check_bytes(data: bytes, max_side: int | None = None) -> Checked:
     if not data:
         return _skip("empty file")
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with warnings.catch_warnings():
+            # PIL warns above 89 MP and raises above twice that (skipped below as too large); a
+            # warning per large file from every worker would only bury the run's own report
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+        with img:
             width, height = img.size
             if img.format in _JPEG_FORMATS and _too_short(data, width, height):
                 return _skip(f"truncated (its JPEG data, {len(data)} bytes, is too short for {width} x {height})")
