@@ -22,7 +22,8 @@
 #               log.jsonl has each epoch's first-batch wait and each round's parts
 #   train_step_small  ResNet-18, 32 px, batch 128 on the small JPEGs: moco_v2 and clim, synthetic
 #               vs real, data-wait share (target <= 5% at small images), and moco_v2 with the loader
-#               at 4 workers / 12 DALI threads, all-hybrid decoding or decoding on DALI's CPU threads
+#               at 4 workers / 12 DALI threads, all-hybrid decoding, decoding on DALI's CPU threads, or
+#               decoding and views there (no DALI kernels on the GPU beside the launch-bound step)
 #   step_overhead  bench/step_overhead.py at ResNet-18, 32 px, batch 128 (synthetic): the step's
 #               launch-bound cost with torch's BatchNorm2d and the old momentum update against ours
 #   mine        bench/mine.py --size full --engines triton  (1.28M x 128, m=10000, k=40: the Triton
@@ -83,7 +84,7 @@ if [ "$SMALL" = 1 ]; then
     WORK=${WORK:-/tmp/clim-gpucheck-small}
     PER_CLASS=${PER_CLASS:-12}; SMALL_PER_CLASS=12; SIDE="96 160"; MAXCOUNT=40; PHOTO_ARGS=()
     LOADER_ARGS=(--epochs 1 --images 120 --boundary-epochs 3); TRAIN_STEP_ARGS=(--steps 2)
-    SMALL_STEP_ARGS=(--steps 2 --batch 12 --loader-variants 1:1:cpu); LOADER_VARIANTS=(--loader-variants 1:1:0.65)
+    SMALL_STEP_ARGS=(--steps 2 --batch 12 --loader-variants 1:1:cpu,1:1:cpuviews); LOADER_VARIANTS=(--loader-variants 1:1:0.65)
     COMPILE_SMALL_ARGS=(--steps 2 --batch 12 --warmup 3)
     SIGTERM_EPOCH=2
     OVERHEAD_ARGS=(--rounds 2 --steps 3)
@@ -107,7 +108,7 @@ else
     LOADER_VARIANTS=(--loader-variants 4:12:0.65,4:12:1.0)
     # 32 px: nvJPEG's cost per image against the decode itself (all hybrid, or all on DALI's CPU threads)
     SMALL_STEP_ARGS=(--full --arch resnet18 --image-size 32 --batch 128 --row-seconds 5
-                     --loader-variants 4:12:0,4:12:cpu)
+                     --loader-variants 4:12:0,4:12:cpu,4:12:cpuviews)
     # CUDA graphs record on a compiled call's second run and replay from its third: 8 warm-up steps
     COMPILE_SMALL_ARGS=(--full --arch resnet18 --image-size 32 --batch 128 --row-seconds 5 --warmup 8)
     SIGTERM_EPOCH=3
@@ -289,7 +290,7 @@ box_of() {
         meta) echo 90 ;; tests) echo "$BOX_TESTS" ;; data) echo "$BOX_DATA" ;;
         train) echo $((BOX_TRAIN1 + BOX_TRAIN2 + 70)) ;; train_step) echo "$BOX_TS" ;;
         mine) echo "$BOX_MINE" ;; loader) echo "$BOX_LOADER" ;; ceiling) echo 120 ;;
-        tests_nodali) echo 120 ;; compile) echo 200 ;; compile_small) echo 240 ;; train_step_small) echo 100 ;; step_overhead) echo 45 ;; train2) echo "$BOX_TRAIN_2RANK" ;;
+        tests_nodali) echo 120 ;; compile) echo 200 ;; compile_small) echo 240 ;; train_step_small) echo 120 ;; step_overhead) echo 45 ;; train2) echo "$BOX_TRAIN_2RANK" ;;
         demo) echo "$BOX_DEMO" ;; *) echo 60 ;;
     esac
 }

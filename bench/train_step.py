@@ -217,8 +217,8 @@ def main() -> None:
                     "(comma-separated; profile: where the GPU time of a step goes, by kernel family)")
     ap.add_argument("--variant-presets", default="clim_multires", help="presets of the --variants rows")
     ap.add_argument("--loader-variants", default="", help="extra real rows with other loader settings, "
-                    "WORKERS:DALI_THREADS:DECODER,... where DECODER is the hardware decoder's share or cpu "
-                    "(config cpu_decode) (e.g. 4:12:0.65,4:12:cpu)")
+                    "WORKERS:DALI_THREADS:DECODER,... where DECODER is the hardware decoder's share, cpu "
+                    "(config cpu_decode) or cpuviews (config cpu_views: the views too) (e.g. 4:12:0.65,4:12:cpu)")
     ap.add_argument("--loader-presets", default="moco_v2", help="presets of the --loader-variants rows")
     ap.add_argument("--profile-real", default="", help="presets whose real rows are also profiled (GPU time by "
                     "kernel family, DALI's kernels included; comma-separated)")
@@ -271,8 +271,8 @@ def main() -> None:
         ceiling = {r["preset"]: r["synthetic"]["anchors_per_s"] for r in results["runs"]}
         for setting in filter(None, args.loader_variants.split(",")) if data is not None else []:
             w, t, h = setting.split(":")
-            loader = dict(workers=int(w), dali_threads=int(t), cpu_decode=h == "cpu")
-            if h != "cpu":
+            loader = dict(workers=int(w), dali_threads=int(t), cpu_decode=h == "cpu", cpu_views=h == "cpuviews")
+            if h not in ("cpu", "cpuviews"):
                 loader["hw_decoder_load"] = float(h)
             for preset in args.loader_presets.split(","):
                 cfg = make_config(preset, dict(arch=arch, image_size=size, batch_size=batch, queue_size=batch * 16,

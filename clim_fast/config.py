@@ -38,6 +38,7 @@ class Config:
     dali_threads: int = 4  # DALI's CPU threads (Huffman decoding of the JPEGs the hardware decoder leaves)
     hw_decoder_load: float = 0.65  # share of JPEGs for the GPU's hardware decoder (DALI's default)
     cpu_decode: bool = False  # GPU runs: decode on DALI's CPU threads instead (small images), views on the GPU
+    cpu_views: bool = False  # GPU runs: decode and cut the views on DALI's CPU threads; only the views go to the GPU
     crop_min_scale: float = 0.2  # RandomResizedCrop lower scale bound (MoCo v2: 0.2)
     # model (MoCo v2)
     arch: str = "resnet50"

@@ -9,4 +9,4 @@ def loader_options(cfg, device) -> dict:
     """Keyword arguments for `PretrainLoader` and `FeatureLoader`: the device, CPU workers, DALI
     threads, where JPEGs are decoded, and the dtype the encoders read (fp16 in fp16 runs)."""
     return dict(device=device, workers=cfg.workers, threads=cfg.dali_threads, hw_decoder_load=cfg.hw_decoder_load,
-                cpu_decode=cfg.cpu_decode, dtype=image_dtype(cfg.precision, device))
+                cpu_decode=cfg.cpu_decode, cpu_views=cfg.cpu_views, dtype=image_dtype(cfg.precision, device))

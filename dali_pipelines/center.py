@@ -19,17 +19,17 @@ from nvidia.dali import pipeline_def
 from dali_pipelines.epochs import PAD_ID, eval_share
 from dali_pipelines.external import IdListSource, ShardReader
 from dali_pipelines.loader import BatchStream, ClosedOnExit, Settings, as_dataset
-from dali_pipelines.ops import center_view, decode, jpeg_bytes, source_kwargs
+from dali_pipelines.ops import center_view, decode, jpeg_bytes, output, source_kwargs
 from shards.errors import UserError
 
 
 @pipeline_def
-def center_graph(source, image_size, gpu, dali_dtype, parallel, hw_decoder_load=0.65, cpu_decode=False):
+def center_graph(source, image_size, settings):
     jpeg, length, roi, meta = fn.external_source(source=source, num_outputs=4, batch=True,
                                                  dtype=[types.UINT8, types.INT32, types.FLOAT, types.INT64],
-                                                 **source_kwargs(parallel))
-    image = decode(jpeg_bytes(jpeg, length), gpu, hw_decoder_load, cpu_decode)
-    return center_view(image, roi, image_size, dali_dtype), meta.gpu() if gpu else meta
+                                                 **source_kwargs(settings.parallel))
+    image = decode(jpeg_bytes(jpeg, length), settings)
+    return output(center_view(image, roi, image_size, settings.dali_dtype), settings), output(meta, settings)
 
 
 class FeatureLoader(ClosedOnExit):
@@ -44,7 +44,8 @@ class FeatureLoader(ClosedOnExit):
 
     def __init__(self, dataset, *, batch_size: int, image_size: int, rank: int = 0, world_size: int = 1,
                  device=torch.device("cpu"), workers: int = 2, threads: int = 2,
-                 dtype: torch.dtype = torch.float32, hw_decoder_load: float = 0.65, cpu_decode: bool = False):
+                 dtype: torch.dtype = torch.float32, hw_decoder_load: float = 0.65, cpu_decode: bool = False,
+                 cpu_views: bool = False):
         self.dataset = as_dataset(dataset)
         self.num_samples = self.dataset.num_samples
         self.global_batch, self.rank, self.world_size = int(batch_size), int(rank), int(world_size)
@@ -52,7 +53,7 @@ class FeatureLoader(ClosedOnExit):
             raise UserError(f"rank {rank}: outside 0..{world_size - 1}")
         if self.global_batch <= 0:
             raise UserError(f"batch size {batch_size} must be positive")
-        self.settings = Settings(device, dtype, workers, threads, hw_decoder_load, cpu_decode)
+        self.settings = Settings(device, dtype, workers, threads, hw_decoder_load, cpu_decode, cpu_views)
         self.image_size = int(image_size)
         self.local_batch = max(1, -(-self.global_batch // self.world_size))
         self.ids = eval_share(self.num_samples, self.local_batch, self.rank, self.world_size)
@@ -80,8 +81,7 @@ class FeatureLoader(ClosedOnExit):
     def _build(self) -> BatchStream:
         source = IdListSource(self._reader, self.ids, self.image_size, self.local_batch)
         s = self.settings
-        pipe = center_graph(source, self.image_size, s.gpu, s.dali_dtype, s.parallel, s.hw_decoder_load,
-                            s.cpu_decode, **s.pipeline_kwargs(self.local_batch, 2))
+        pipe = center_graph(source, self.image_size, s, **s.pipeline_kwargs(self.local_batch, 2))
         return BatchStream(pipe, ("image", "meta"), s, first_step=0, depth=2, source=source,
                            local_batch=self.local_batch, dataset=self.dataset)
 

@@ -39,8 +39,7 @@ class LinearTrainLoader(EpochLoader):
                                rank=self.rank, world_size=self.world_size, seed=self.seed,
                                start=first_step * self.local_batch, anchor_views=(self.view,))
         s = self.settings
-        pipe = augment_graph(source, (self.view,), (), s.gpu, s.dali_dtype, s.parallel, s.hw_decoder_load,
-                             s.cpu_decode, **s.pipeline_kwargs(self.local_batch, 2))
+        pipe = augment_graph(source, (self.view,), (), s, **s.pipeline_kwargs(self.local_batch, 2))
         return BatchStream(pipe, ("q", "meta"), s, first_step=first_step, depth=2, source=source,
                            local_batch=self.local_batch, dataset=self.dataset)
 

@@ -62,11 +62,12 @@ def pipeline_device_id(device: torch.device) -> int | None:
 
 
 class Settings:
-    """What every loader shares: device, output dtype, CPU workers, DALI threads, and where JPEGs
-    are decoded on a GPU (`ops.decode`: the share for the hardware decoder, or all on the CPU)."""
+    """What every loader shares: device, output dtype, CPU workers, DALI threads, and in a GPU
+    pipeline where each stage runs (`ops.decode`: the hardware decoder's share of the JPEGs, or
+    decoding on DALI's CPU threads, or the views cut there too)."""
 
     def __init__(self, device, dtype: torch.dtype, workers: int, threads: int, hw_decoder_load: float = 0.65,
-                 cpu_decode: bool = False):
+                 cpu_decode: bool = False, cpu_views: bool = False):
         self.device = torch.device(device)
         self.device_id = pipeline_device_id(self.device)
         self.gpu = self.device_id is not None
@@ -76,7 +77,7 @@ class Settings:
         if not 0.0 <= hw_decoder_load <= 1.0:
             raise UserError(f"hw_decoder_load: must be in [0, 1], got {hw_decoder_load}")
         self.hw_decoder_load = float(hw_decoder_load)
-        self.cpu_decode = bool(cpu_decode)
+        self.cpu_decode, self.cpu_views = bool(cpu_decode), bool(cpu_views)
 
     def pipeline_kwargs(self, local_batch: int, depth: int) -> dict:
         return dict(batch_size=local_batch, num_threads=self.threads, device_id=self.device_id,
@@ -99,7 +100,7 @@ class Settings:
 
 def to_torch(tensor_list, device: torch.device) -> torch.Tensor:
     """A DALI batch as a torch tensor without a copy (DLPack). The graphs move every output of a GPU
-    pipeline to the GPU themselves (`meta.gpu()`), so no host buffer that the next run may reuse is
+    pipeline to the GPU themselves (`ops.output`), so no host buffer that the next run may reuse is
     ever copied asynchronously."""
     tensor = torch.from_dlpack(tensor_list.as_tensor())
     if tensor.device != device:  # not reached by our graphs; kept synchronous on purpose
@@ -265,14 +266,14 @@ class EpochLoader(ClosedOnExit):
 
     def __init__(self, dataset, *, batch_size: int, image_size: int, rank: int, world_size: int, device, seed: int,
                  workers: int, threads: int, dtype: torch.dtype, hw_decoder_load: float = 0.65,
-                 cpu_decode: bool = False):
+                 cpu_decode: bool = False, cpu_views: bool = False):
         self.dataset = as_dataset(dataset)
         self.num_samples = self.dataset.num_samples
         self.global_batch, self.rank, self.world_size = int(batch_size), int(rank), int(world_size)
         self.local_batch = check_batch(self.num_samples, self.global_batch, self.world_size)
         if not 0 <= self.rank < self.world_size:
             raise UserError(f"rank {rank}: outside 0..{world_size - 1}")
-        self.settings = Settings(device, dtype, workers, threads, hw_decoder_load, cpu_decode)
+        self.settings = Settings(device, dtype, workers, threads, hw_decoder_load, cpu_decode, cpu_views)
         self.image_size, self.seed = int(image_size), int(seed)
         self.steps = steps_per_epoch(self.num_samples, self.global_batch)
         self.epoch, self.start_step = 0, 0

@@ -34,15 +34,23 @@ def jpeg_bytes(jpegs, lengths):
     return fn.slice(jpegs, _ZERO, lengths, axes=[0])
 
 
-def decode(jpegs, gpu: bool, hw_decoder_load: float = 0.65, cpu_decode: bool = False):
-    """JPEG -> uint8 HWC RGB. On the GPU (`gpu`) `hw_decoder_load` of the images go to the hardware
-    JPEG decoder (A100, H100, H200), the rest to the hybrid CPU-Huffman + CUDA decoder; with
-    `cpu_decode` DALI's CPU threads decode (libjpeg-turbo) and the pixels go to the GPU for the
-    views: for small images, where nvJPEG's cost per image outweighs the decode itself."""
-    if not gpu or cpu_decode:
+def decode(jpegs, settings):
+    """JPEG -> uint8 HWC RGB, on the device the views are cut on (`loader.Settings`). In a GPU
+    pipeline `hw_decoder_load` of the images go to the hardware JPEG decoder (A100, H100, H200),
+    the rest to the hybrid CPU-Huffman + CUDA decoder; with `cpu_decode` DALI's CPU threads decode
+    (libjpeg-turbo) and the pixels go to the GPU for the views, and with `cpu_views` the views are
+    cut on the CPU too: for small images, where nvJPEG's cost per image outweighs the decode, and
+    where DALI's kernel launches would compete with a launch-bound training step."""
+    if not settings.gpu or settings.cpu_decode or settings.cpu_views:
         image = fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
-        return image.gpu() if gpu else image
-    return fn.decoders.image(jpegs, device="mixed", output_type=types.RGB, hw_decoder_load=hw_decoder_load)
+        return image.gpu() if settings.gpu and not settings.cpu_views else image
+    return fn.decoders.image(jpegs, device="mixed", output_type=types.RGB, hw_decoder_load=settings.hw_decoder_load)
+
+
+def output(node, settings):
+    """A graph output where the loader hands it out: every output of a GPU pipeline is on the GPU
+    (DALI copies the CPU ones), so no host buffer the next run may reuse is copied asynchronously."""
+    return node.gpu() if settings.gpu and node.device == "cpu" else node
 
 
 def normalize(image, dali_dtype, mirror=0):

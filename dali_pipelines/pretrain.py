@@ -21,30 +21,30 @@ from dali_pipelines.augment import MOCO_SCALE, ViewSpec, moco_views
 from dali_pipelines.external import AugmentSource, TableBook, epoch_pointer, publish_table
 from dali_pipelines.loader import BatchStream, EpochLoader, Scratch
 from dali_pipelines.names import anchor_view_names, positive_view_names
-from dali_pipelines.ops import augmented_view, decode, jpeg_bytes, source_kwargs
+from dali_pipelines.ops import augmented_view, decode, jpeg_bytes, output, source_kwargs
 
 _SOURCE_DTYPES = [types.UINT8, types.INT32, types.FLOAT, types.INT32, types.INT64]  # AugmentSource's batch
 
 
 @pipeline_def(enable_conditionals=True)
-def augment_graph(source, anchor_views, positive_views, gpu, dali_dtype, parallel, hw_decoder_load=0.65,
-                  cpu_decode=False):
+def augment_graph(source, anchor_views, positive_views, settings):
     """Outputs: one per anchor view, `meta` (id, label); then one per positive view and `pos_id`.
-    On the GPU every output is a GPU tensor (the small int64 ones are copied by DALI)."""
+    `settings` (`loader.Settings`): where each stage runs, the output dtype, parallel workers. On
+    the GPU every output is a GPU tensor (the small int64 ones are copied by DALI)."""
     streams = 1 + bool(positive_views)
     outs = fn.external_source(source=source, num_outputs=len(_SOURCE_DTYPES) * streams, batch=True,
-                              dtype=_SOURCE_DTYPES * streams, **source_kwargs(parallel))
+                              dtype=_SOURCE_DTYPES * streams, **source_kwargs(settings.parallel))
     jpeg, length, params, flips, meta = outs[:5]
-    image = decode(jpeg_bytes(jpeg, length), gpu, hw_decoder_load, cpu_decode)
-    result = [augmented_view(image, params, flips, v, spec, dali_dtype) for v, spec in enumerate(anchor_views)]
-    result.append(meta.gpu() if gpu else meta)
+    image = decode(jpeg_bytes(jpeg, length), settings)
+    result = [augmented_view(image, params, flips, v, spec, settings.dali_dtype) for v, spec in enumerate(anchor_views)]
+    result.append(meta)
     if positive_views:
         pjpeg, plength, pparams, pflips, pos_id = outs[5:]
-        pimage = decode(jpeg_bytes(pjpeg, plength), gpu, hw_decoder_load, cpu_decode)
-        result += [augmented_view(pimage, pparams, pflips, v, spec, dali_dtype)
+        pimage = decode(jpeg_bytes(pjpeg, plength), settings)
+        result += [augmented_view(pimage, pparams, pflips, v, spec, settings.dali_dtype)
                    for v, spec in enumerate(positive_views)]
-        result.append(pos_id.gpu() if gpu else pos_id)
-    return tuple(result)
+        result.append(pos_id)
+    return tuple(output(node, settings) for node in result)
 
 
 class PretrainLoader(EpochLoader):
@@ -74,10 +74,10 @@ class PretrainLoader(EpochLoader):
                  device=torch.device("cpu"), seed: int = 0, workers: int = 2, threads: int = 2,
                  multires_sizes=(), table=None, dtype: torch.dtype = torch.float32,
                  crop_min_scale: float = MOCO_SCALE[0], table_changes: Callable[[int], bool] | None = None,
-                 hw_decoder_load: float = 0.65, cpu_decode: bool = False):
+                 hw_decoder_load: float = 0.65, cpu_decode: bool = False, cpu_views: bool = False):
         super().__init__(dataset, batch_size=batch_size, image_size=image_size, rank=rank, world_size=world_size,
                          device=device, seed=seed, workers=workers, threads=threads, dtype=dtype,
-                         hw_decoder_load=hw_decoder_load, cpu_decode=cpu_decode)
+                         hw_decoder_load=hw_decoder_load, cpu_decode=cpu_decode, cpu_views=cpu_views)
         self.multires_sizes = tuple(int(s) for s in multires_sizes)
         self.crop_min_scale = float(crop_min_scale)
         self.table_changes = table_changes
@@ -195,8 +195,7 @@ class PretrainLoader(EpochLoader):
         s = self.settings
         # the first feed prefetches `depth` steps: with positives they must lie in this epoch
         depth = 2 if not positive_views or self.steps - step >= 2 else 1
-        pipe = augment_graph(source, anchor_views, positive_views, s.gpu, s.dali_dtype, s.parallel, s.hw_decoder_load,
-                             s.cpu_decode, **s.pipeline_kwargs(self.local_batch, depth))
+        pipe = augment_graph(source, anchor_views, positive_views, s, **s.pipeline_kwargs(self.local_batch, depth))
         sizes = [v.size for v in anchor_views[2:]]  # views 0 and 1 are q and k at image_size
         names = anchor_view_names(sizes) + ["meta"]
         if positive_views:

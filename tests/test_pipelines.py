@@ -353,6 +353,47 @@ def test_listed_jpegs_give_the_padded_batches(dataset, table, monkeypatch):
     assert same_batches(padded, listed)
 
 
+# --- where each stage of a GPU graph runs (defined, not built: no GPU needed) --------------------
+
+def gpu_graph_placement(graph, *args, **settings_kwargs):
+    """(operator name -> devices, output devices) of `graph` defined for a GPU pipeline. Uses DALI's
+    graph definition step (`Pipeline._build_graph`), which needs no device."""
+    from dali_pipelines.loader import Settings
+
+    settings = Settings("cpu", torch.float16, 0, 1, **settings_kwargs)
+    settings.gpu = True  # as a CUDA device would set it; the pipeline below is only defined
+    pipe = graph(lambda info: None, *args, settings, batch_size=2, num_threads=1, device_id=None)
+    pipe._build_graph()
+    devices = {}
+    for op in pipe._ops:
+        devices.setdefault(getattr(op._op, "schema_name", type(op._op).__name__), set()).add(op._op.device)
+    return devices, {node.device for node in pipe._graph_outputs}
+
+
+VIEW_OPS = ("Resize", "ColorTwist", "GaussianBlur", "CropMirrorNormalize")
+
+
+@pytest.mark.parametrize("cpu_decode, cpu_views, decoder, views", [
+    (False, False, "mixed", "gpu"),  # nvJPEG (hardware + hybrid), views on the GPU
+    (True, False, "cpu", "gpu"),     # libjpeg-turbo on DALI's threads, views on the GPU
+    (False, True, "cpu", "cpu"),     # everything on DALI's threads; only finished views go up
+    (True, True, "cpu", "cpu"),
+])
+def test_gpu_graphs_run_each_stage_where_the_settings_say(cpu_decode, cpu_views, decoder, views):
+    from dali_pipelines.center import center_graph
+    from dali_pipelines.pretrain import augment_graph
+
+    for graph, args in ((augment_graph, (moco_views(SIZE, (16,)), moco_views(SIZE))), (center_graph, (SIZE,))):
+        devices, outputs = gpu_graph_placement(graph, *args, cpu_decode=cpu_decode, cpu_views=cpu_views)
+        assert outputs == {"gpu"}  # every output of a GPU pipeline is handed out on the GPU
+        assert devices["decoders__Image"] == {decoder}
+        assert devices["Slice"] == {"cpu"}  # the padded JPEGs are cut before the decoder
+        for name in VIEW_OPS:
+            if name in devices:
+                assert devices[name] == {views}, (graph.__name__, name)
+        assert "Resize" in devices and "CropMirrorNormalize" in devices
+
+
 # --- feature / linear loaders -----------------------------------------------------------------
 
 def test_feature_loader_visits_every_id_once(dataset):
@@ -523,13 +564,13 @@ def test_rng_bank_is_default_rng_per_sample():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("cpu_decode", [False, True])
-def test_gpu_pipeline_matches_cpu(dataset, table, cpu_decode):
-    """mixed decode (or CPU decode) + GPU operators: same ids, float16 CUDA tensors close to the CPU
-    graph's."""
+@pytest.mark.parametrize("placement", [{}, {"cpu_decode": True}, {"cpu_views": True}])
+def test_gpu_pipeline_matches_cpu(dataset, table, placement):
+    """mixed decode (or CPU decode, or all on the CPU) + GPU operators: same ids, float16 CUDA
+    tensors close to the CPU graph's."""
     kwargs = dict(batch_size=BATCH, image_size=SIZE, workers=1, table=table, multires_sizes=(16,), seed=5)
     cpu = PretrainLoader(dataset, **kwargs)
-    gpu = PretrainLoader(dataset, device=torch.device("cuda"), dtype=torch.float16, cpu_decode=cpu_decode, **kwargs)
+    gpu = PretrainLoader(dataset, device=torch.device("cuda"), dtype=torch.float16, **placement, **kwargs)
     for a, b in zip(cpu, gpu):
         assert b["q"].is_cuda and b["q"].dtype == torch.float16 and b["id"].is_cuda
         assert torch.equal(a["id"], b["id"].cpu()) and torch.equal(a["pos_id"], b["pos_id"].cpu())

@@ -247,15 +247,16 @@ def test_a_fresh_run_training_never_overwrites_an_earlier_run(tmp_path):
 
 
 def test_the_configs_loader_settings_reach_the_training_and_mining_loaders(shard_dir, tmp_path):
-    """workers, dali_threads, hw_decoder_load, cpu_decode and the image dtype go from the config to
+    """workers, dali_threads, hw_decoder_load, cpu_decode, cpu_views and the image dtype go from the config to
     the pretrain loader and the online round's feature loader (data.loader_options)."""
     from clim_fast.mining.rounds import OnlineMining
     from clim_fast.training.loop import ShardData
 
-    cfg = tiny(workers=0, dali_threads=3, hw_decoder_load=0.4, cpu_decode=True, precision="fp32")
+    cfg = tiny(workers=0, dali_threads=3, hw_decoder_load=0.4, cpu_decode=True, cpu_views=True, precision="fp32")
     data = ShardData(shard_dir)
     cpu = torch.device("cpu")
     for loader in (data.loader(cfg, 0, 1, cpu, None), OnlineMining(cfg, data.dataset, tmp_path, cpu).loader()):
         s = loader.settings
-        assert (s.workers, s.threads, s.hw_decoder_load, s.cpu_decode, s.dtype) == (0, 3, 0.4, True, torch.float32)
+        assert (s.workers, s.threads, s.hw_decoder_load, s.cpu_decode, s.cpu_views, s.dtype) == \
+            (0, 3, 0.4, True, True, torch.float32)
         loader.close()
