@@ -260,3 +260,5 @@ def test_the_configs_loader_settings_reach_the_training_and_mining_loaders(shard
         assert (s.workers, s.threads, s.hw_decoder_load, s.cpu_decode, s.cpu_views, s.dtype) == \
             (0, 3, 0.4, True, True, torch.float32)
         loader.close()
+    # the feature pass reads 256 a rank at the least, never past the data: the whole set here
+    assert loader.local_batch == data.num_samples and data.num_samples > cfg.batch_size

@@ -31,6 +31,7 @@ from dali_pipelines import FeatureLoader
 # The parts of a round's cost in its log record, up to the first training batch on its table
 # (`pickup_s`, added by the loop); `feature_first_batch_s` is inside `feature_s`.
 ROUND_PARTS = ("feature_s", "kmeans_s", "knn_s", "select_s", "exchange_s", "pickup_s")
+FEATURE_BATCH_PER_RANK = 256  # the feature pass's batch a rank at the least (as `clim-fast mine`'s default)
 
 
 def positives_active(cfg, epoch: int) -> bool:
@@ -43,6 +44,13 @@ def is_refresh_epoch(cfg, epoch: int) -> bool:
         return False
     since = epoch - cfg.clim_start_epoch
     return since % cfg.mine_every == 0 and not (cfg.init_table and since == 0)
+
+
+def feature_batch_size(cfg, num_samples: int, world_size: int) -> int:
+    """The feature pass's global batch: the training batch, or 256 a rank where that is more, but
+    not past the data. Eval-mode features do not depend on the batch; a small one only adds cost
+    per batch (the default 512 on 16 GPUs is 32 a rank)."""
+    return max(cfg.batch_size, min(FEATURE_BATCH_PER_RANK * world_size, num_samples))
 
 
 def table_path(run_dir: str | Path, epoch: int) -> Path:
@@ -61,7 +69,8 @@ class OnlineMining:
 
     def loader(self) -> FeatureLoader:
         if self._loader is None:
-            self._loader = FeatureLoader(self.dataset, batch_size=self.cfg.batch_size, image_size=self.cfg.image_size,
+            batch = feature_batch_size(self.cfg, self.dataset.num_samples, self.world)
+            self._loader = FeatureLoader(self.dataset, batch_size=batch, image_size=self.cfg.image_size,
                                          rank=self.rank, world_size=self.world, **loader_options(self.cfg, self.device))
         return self._loader
 
