@@ -380,8 +380,8 @@ def cmd_combine(args) -> int:
     if (work / "pytest.xml").exists() or any(s["step"] == "tests" for s in steps):
         results["tests"] = junit_summary(work / "pytest.xml")
         results["tests"]["deselected"] = _read_json(work / "deselected.json") if (work / "deselected.json").exists() else []
-    for name in ("photos", "shard", "loader", "train_step", "train_step_small", "train_step_compile", "step_overhead",
-                 "mine"):
+    for name in ("photos", "shard", "loader", "train_step", "train_step_small", "train_step_compile",
+                 "train_step_compile_small", "step_overhead", "mine"):
         if (work / f"{name}.json").exists():
             results[name] = _read_json(work / f"{name}.json")
     if (work / "shards" / "manifest.json").exists():
