@@ -46,7 +46,7 @@
 # Environment:
 #   OUT=DIR        where results go (the device tool sets it)          default ./gpu-check-out
 #   PYTHON=EXE     interpreter                                           default python3
-#   SMALL=1        CPU rehearsal (about 3.5 min on 2 cores): 120 tiny JPEGs, small bench modes,
+#   SMALL=1        CPU rehearsal (about 5 min on 2 cores): 120 tiny JPEGs, small bench modes,
 #                  CUDA hidden
 #   STEPS="..."    run only these steps (a rerun on the same warm machine reuses WORK's shards)
 #   WORK=DIR       scratch folder                       default /tmp/clim-gpucheck (-small)
