@@ -131,6 +131,8 @@ class Config:
             raise UserError(f"config: hw_decoder_load must be in [0, 1], got {self.hw_decoder_load}")
         if not 0 < self.crop_min_scale <= 1:
             raise UserError(f"config: crop_min_scale must be in (0, 1], got {self.crop_min_scale}")
+        if self.compile_mode != "default" and not self.compile:
+            raise UserError(f"config: compile_mode={self.compile_mode} needs compile=true (--compile)")
         if self.multires and self.mix == "none":
             raise UserError("config: multires needs a mixing method (set mix=cutmix or mix=mixup)")
 

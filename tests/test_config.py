@@ -49,6 +49,9 @@ def test_bad_values_and_presets():
         make_config("clim", {"precision": "fp8"})
     with pytest.raises(UserError, match="compile_mode must be one of default, reduce-overhead"):
         make_config("clim", {"compile_mode": "cudagraphs"})
+    with pytest.raises(UserError, match="compile_mode=reduce-overhead needs compile=true"):
+        make_config("clim", {"compile_mode": "reduce-overhead"})  # it would do nothing, silently
+    assert make_config("clim", {"compile_mode": "reduce-overhead", "compile": True}).compile
 
 
 def test_save_load_round_trip(tmp_path):
