@@ -8,8 +8,9 @@ the momentum update before the key forward, and shuffle BN for the keys.
 `enqueue_keys()` after the optimizer step (the loss must see the queue as it was). `CLIM`
 (clim.py) adds the mixing path to the same step.
 
-Shuffle BN: across ranks as in builder.py (gather the key images, one seeded permutation shared by
-every rank, each rank encodes its slice, gather and un-shuffle). In a single process the
+Shuffle BN: across ranks as in builder.py (one seeded permutation shared by every rank, each rank
+encodes its slice of the shuffled global batch, gather the keys and un-shuffle), except that each
+rank receives only its slice's images instead of gathering all of them. In a single process the
 equivalent is to permute the key batch and run the key encoder on `shuffle_bn_groups` equal
 chunks, so BatchNorm statistics come from random subsets unrelated to the query batch, which is
 what shuffle BN across that many GPUs computes.
