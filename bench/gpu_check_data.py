@@ -276,6 +276,9 @@ def train_summary(run: Path, phases: dict) -> dict:
                                                   "clusters", "k", "mean_positives", "fallback_share",
                                                   "label_purity", "label_chance")} for m in mines],
         "preempted": [{k: p.get(k) for k in ("epoch", "step", "iteration", "signal")} for p in pre],
+        # what a checkpoint costs the loop (the snapshot; the write runs in the background)
+        "checkpoints": [{k: c.get(k) for k in ("epoch", "step", "blocking_s")}
+                        for c in records if c.get("kind") == "checkpoint"],
         "resumed_where_it_stopped": resumed_ok,
         "steps_after_resume": len(after),
         "per_epoch": [{"epoch": r["epoch"], **{k: r.get(k) for k in keep}} for r in epochs],

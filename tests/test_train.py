@@ -262,3 +262,40 @@ def test_the_configs_loader_settings_reach_the_training_and_mining_loaders(shard
         loader.close()
     # the feature pass reads 256 a rank at the least, never past the data: the whole set here
     assert loader.local_batch == data.num_samples and data.num_samples > cfg.batch_size
+
+
+def test_checkpoints_are_snapshots_written_in_the_background(tmp_path):
+    """The loop waits for the snapshot only: `write` returns while the file is still being written,
+    the file holds the state as it was at the snapshot (training goes on changing it), and a write
+    that failed is raised by the next flush."""
+    import threading
+
+    from clim_fast.training.checkpoint import CheckpointWriter, snapshot
+
+    weights = {"w": torch.ones(3)}
+    state = snapshot({"model": weights, "config": {}, "epoch": 2, "nested": [torch.zeros(2)]})
+    weights["w"].add_(5)  # training goes on
+    release, writer = threading.Event(), CheckpointWriter()
+    writer.write(state, tmp_path / "a.pt", tmp_path / "b.pt", then=release.wait)
+    assert writer._thread.is_alive()  # the caller is back before the write has finished
+    release.set()
+    writer.flush()
+    for name in ("a.pt", "b.pt"):
+        ckpt = load_checkpoint(tmp_path / name)
+        assert torch.equal(ckpt["model"]["w"], torch.ones(3)) and ckpt["epoch"] == 2
+    (tmp_path / "file").write_text("not a folder")
+    writer.write(state, tmp_path / "file" / "c.pt")
+    writer.join()  # never raises: for finally blocks
+    with pytest.raises(Exception, match="file"):
+        writer.flush()
+    writer.flush()  # reported once
+
+
+def test_each_checkpoint_logs_what_it_cost_the_loop(tmp_path):
+    run = tmp_path / "run"
+    run_training(tiny("moco_v2", epochs=3, checkpoint_every=1), SyntheticData(32), run, progress=False)
+    records = read_log(run, "checkpoint")
+    assert [r["epoch"] for r in records] == [1, 2, 3] and all(r["blocking_s"] >= 0 for r in records)
+    # keep_checkpoints 2: the oldest epoch file goes once the newest is written
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch-0002.pt", "epoch-0003.pt", "last.pt"]
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 3

@@ -12,6 +12,7 @@ import io
 import random
 import re
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -39,6 +40,58 @@ def save_checkpoint(state: dict, *paths: str | Path) -> None:
     data = buf.getvalue()
     for path in paths:
         atomic_write_bytes(path, data)
+
+
+def snapshot(state):
+    """A copy of `state` (nested dicts, lists, tuples) with every tensor copied to the CPU: what a
+    checkpoint holds at this moment, while training goes on changing the originals in place."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {key: snapshot(value) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(snapshot(value) for value in state)
+    return state
+
+
+class CheckpointWriter:
+    """Writes checkpoints in a background thread, one at a time, so the loop waits only for the
+    snapshot (`snapshot`: tensors copied to the CPU) and not for serialising and fsyncing a few
+    hundred MB (2.2 s against 0.23 s for an RN50 clim_multires checkpoint on a 2-core CPU). A write
+    that failed is raised by the next `write` or `flush`.
+
+        writer.write(snapshot(state), path, ..., then=callback)   # returns at once
+        writer.flush()                                            # the last write is on disk (or raise)
+    """
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def write(self, state: dict, *paths: str | Path, then=None) -> None:
+        self.flush()
+        self._thread = threading.Thread(target=self._write, args=(state, paths, then), name="checkpoint-write")
+        self._thread.start()
+
+    def _write(self, state, paths, then) -> None:
+        try:
+            save_checkpoint(state, *paths)
+            if then is not None:
+                then()
+        except BaseException as e:  # noqa: BLE001 - raised by flush() in the training thread
+            self._error = e
+
+    def join(self) -> None:
+        """Wait for the last write; never raises (for `finally` blocks: `flush` reports)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def flush(self) -> None:
+        self.join()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:

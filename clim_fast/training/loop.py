@@ -29,9 +29,9 @@ from clim_fast.config import Config
 from clim_fast.data import loader_options
 from clim_fast.method.clim import CLIM
 from clim_fast.mining.rounds import ROUND_PARTS, OnlineMining, is_refresh_epoch, positives_active
-from clim_fast.training.checkpoint import (capture_rng, check_fresh_run_folder, epoch_checkpoint_name,
-                                           find_resume_checkpoint, load_checkpoint, load_model_state,
-                                           prune_epoch_checkpoints, restore_rng, save_checkpoint)
+from clim_fast.training.checkpoint import (CheckpointWriter, capture_rng, check_fresh_run_folder,
+                                           epoch_checkpoint_name, find_resume_checkpoint, load_checkpoint,
+                                           load_model_state, prune_epoch_checkpoints, restore_rng, snapshot)
 from clim_fast.training.launch import Launch, plan_launch, spawn, user_errors_to
 from clim_fast.training.metrics import RunLog, ThroughputMeter, gpu_memory_gb
 from clim_fast.training.step import grad_scaler, train_step
@@ -204,6 +204,9 @@ def train_worker(local_rank: int, launch: Launch, cfg: Config, data, out: Path, 
             bar = ProgressBar(cfg.epochs * len(loader), state.iteration) \
                 if rank == 0 and (sys.stderr.isatty() if progress is None else progress) else None
             last = last_checkpoint(out)
+            writer = CheckpointWriter()
+            saving = dict(out=out, model=model, optimizer=optimizer, scaler=scaler, state=state, cfg=cfg, data=data,
+                          writer=writer, log=log)
             try:
                 table = None
                 for epoch in range(state.epoch, cfg.epochs):
@@ -223,7 +226,8 @@ def train_worker(local_rank: int, launch: Launch, cfg: Config, data, out: Path, 
                     if mining is not None:
                         mining.flush()  # the checkpoint names the table: it must be on disk first
                     if stopped:
-                        last = save(out, model, optimizer, scaler, state, cfg, data, epoch_file=False)
+                        last = save(**saving, epoch_file=False)
+                        writer.flush()
                         log.write({"kind": "preempted", "epoch": state.epoch, "step": state.step,
                                    "iteration": state.iteration, "signal": stop.signum, "checkpoint": str(last)})
                         if rank == 0:
@@ -231,11 +235,13 @@ def train_worker(local_rank: int, launch: Launch, cfg: Config, data, out: Path, 
                                   file=sys.stderr)
                         return last
                     if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
-                        last = save(out, model, optimizer, scaler, state, cfg, data, epoch_file=True)
+                        last = save(**saving, epoch_file=True)
+                writer.flush()
                 if state.epoch >= cfg.epochs and not last.exists() and rank == 0:
                     raise UserError(f"--epochs {cfg.epochs}: nothing to do, the checkpoint is already at that epoch")
                 return last
             finally:
+                writer.join()  # a failed write was raised by flush() above, unless another error is on its way
                 stop.restore()
                 if bar is not None:
                     bar.stop()
@@ -308,19 +314,24 @@ def last_checkpoint(out: Path) -> Path:
     return out / "checkpoints" / "last.pt"
 
 
-def save(out: Path, model: CLIM, optimizer, scaler, state: RunState, cfg: Config, data, *, epoch_file: bool) -> Path:
+def save(out: Path, model: CLIM, optimizer, scaler, state: RunState, cfg: Config, data, writer: CheckpointWriter,
+         log: RunLog, *, epoch_file: bool) -> Path:
+    """Checkpoint the run (rank 0): a snapshot now, written in the background by `writer`; the
+    loop's wait (`blocking_s` in the log's checkpoint record) is the snapshot's."""
     rngs = dist.all_gather_object(capture_rng(model.generators()))
     last = last_checkpoint(out)
     folder = last.parent
     if dist.get_rank() == 0:
-        ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "config": cfg.to_dict(),
-                **asdict(state), "rng": rngs, "dataset_id": data.dataset_id, "num_samples": data.num_samples,
-                "world_size": dist.get_world_size()}
+        t0 = time.perf_counter()
+        ckpt = snapshot({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scaler": scaler.state_dict(), "config": cfg.to_dict(), **asdict(state), "rng": rngs,
+                         "dataset_id": data.dataset_id, "num_samples": data.num_samples,
+                         "world_size": dist.get_world_size()})
         paths = [folder / epoch_checkpoint_name(state.epoch), last] if epoch_file else [last]
-        save_checkpoint(ckpt, *paths)
-        if epoch_file:
-            prune_epoch_checkpoints(folder, cfg.keep_checkpoints)
+        writer.write(ckpt, *paths, then=(lambda: prune_epoch_checkpoints(folder, cfg.keep_checkpoints))
+                     if epoch_file else None)
+        log.write({"kind": "checkpoint", "epoch": state.epoch, "step": state.step, "path": str(paths[0]),
+                   "blocking_s": time.perf_counter() - t0})
     dist.barrier()
     return last
 
