@@ -24,8 +24,9 @@ MIX_METHODS = ("none", "cutmix", "mixup")
 MINE_FEATURES = ("head", "backbone")
 MINE_ENGINES = ("auto", "faiss", "torch")
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
-# torch.compile modes; reduce-overhead replays each compiled encoder call as a CUDA graph
+# torch.compile modes; reduce-overhead (and max-autotune) replay each compiled encoder call as a CUDA graph
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 MULTIRES_AT_224 = (192, 160, 128, 96)
 
 

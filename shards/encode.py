@@ -78,26 +78,25 @@ def check_bytes(data: bytes, max_side: int | None = None) -> Checked:
 
 
 def _too_short(data: bytes, width: int, height: int) -> bool:
-    if len(data) * 8 >= _MIN_BITS_PER_BLOCK * (width / 8) * (height / 8):
-        return False
-    return not _arithmetic_coded(data)
+    scan_start, arithmetic = _frame_header(data)
+    return not arithmetic and (len(data) - scan_start) * 8 < _MIN_BITS_PER_BLOCK * (width / 8) * (height / 8)
 
 
-def _arithmetic_coded(data: bytes) -> bool:
-    """Whether a frame header before the first scan says arithmetic coding (the marker segments
-    are walked, so bytes inside an APP segment do not count)."""
-    i = 2  # after SOI
+def _frame_header(data: bytes) -> tuple[int, bool]:
+    """(where the first scan starts, whether the frame is arithmetic-coded), from a walk over the
+    marker segments before it: metadata (EXIF, ICC, comments) does not count as image data, and
+    bytes inside it are not mistaken for markers. A walk that finds no scan counts the whole file."""
+    i, arithmetic = 2, False  # after SOI
     while i + 4 <= len(data) and data[i] == 0xFF:
         marker = data[i + 1]
         if marker == 0xFF:  # fill byte
             i += 1
             continue
-        if marker in _ARITHMETIC_SOF:
-            return True
-        if marker == 0xDA:  # start of scan: the frame header came before
-            return False
+        arithmetic = arithmetic or marker in _ARITHMETIC_SOF
+        if marker == 0xDA:  # start of scan
+            return i, arithmetic
         i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
-    return False
+    return 0, arithmetic
 
 
 def _reencode_reasons(img: Image.Image, max_side: int | None) -> list[str]:

@@ -266,8 +266,8 @@ def test_the_configs_loader_settings_reach_the_training_and_mining_loaders(shard
 
 def test_checkpoints_are_snapshots_written_in_the_background(tmp_path):
     """The loop waits for the snapshot only: `write` returns while the file is still being written,
-    the file holds the state as it was at the snapshot (training goes on changing it), and a write
-    that failed is raised by the next flush."""
+    the file holds the state as it was at the snapshot (training goes on changing it); a failed
+    write is handed back once, and never stops the next checkpoint from being written."""
     import threading
 
     from clim_fast.training.checkpoint import CheckpointWriter, snapshot
@@ -276,19 +276,24 @@ def test_checkpoints_are_snapshots_written_in_the_background(tmp_path):
     state = snapshot({"model": weights, "config": {}, "epoch": 2, "nested": [torch.zeros(2)]})
     weights["w"].add_(5)  # training goes on
     release, writer = threading.Event(), CheckpointWriter()
-    writer.write(state, tmp_path / "a.pt", tmp_path / "b.pt", then=release.wait)
+    assert writer.write(state, tmp_path / "a.pt", tmp_path / "b.pt", then=release.wait) is None
     assert writer._thread.is_alive()  # the caller is back before the write has finished
     release.set()
-    writer.flush()
+    assert writer.wait() is None
     for name in ("a.pt", "b.pt"):
         ckpt = load_checkpoint(tmp_path / name)
         assert torch.equal(ckpt["model"]["w"], torch.ones(3)) and ckpt["epoch"] == 2
     (tmp_path / "file").write_text("not a folder")
-    writer.write(state, tmp_path / "file" / "c.pt")
-    writer.join()  # never raises: for finally blocks
-    with pytest.raises(Exception, match="file"):
-        writer.flush()
-    writer.flush()  # reported once
+    assert writer.write(state, tmp_path / "file" / "c.pt") is None
+    failed = writer.write(dict(state, epoch=3), tmp_path / "d.pt")  # the failure comes back here ...
+    assert failed is not None and "file" in str(failed)
+    assert writer.wait() is None and load_checkpoint(tmp_path / "d.pt")["epoch"] == 3  # ... and d.pt is written
+
+    def failing_prune():
+        raise PermissionError("cannot delete epoch-0001.pt")
+
+    writer.write(dict(state, epoch=4), tmp_path / "e.pt", then=failing_prune)
+    assert writer.wait() is None and load_checkpoint(tmp_path / "e.pt")["epoch"] == 4  # a prune only warns
 
 
 def test_each_checkpoint_logs_what_it_cost_the_loop(tmp_path):
@@ -299,3 +304,22 @@ def test_each_checkpoint_logs_what_it_cost_the_loop(tmp_path):
     # keep_checkpoints 2: the oldest epoch file goes once the newest is written
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch-0002.pt", "epoch-0003.pt", "last.pt"]
     assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 3
+
+
+def test_a_failed_checkpoint_write_stops_the_run_and_the_next_checkpoint_is_still_written(tmp_path, monkeypatch):
+    import clim_fast.training.checkpoint as checkpoint
+
+    calls, original = [], checkpoint.save_checkpoint
+
+    def disk_full_once(state, *paths):
+        calls.append(state["epoch"])
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device")
+        original(state, *paths)
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", disk_full_once)
+    run = tmp_path / "run"
+    with pytest.raises(OSError, match="No space left"):
+        run_training(tiny("moco_v2", epochs=3, checkpoint_every=1), SyntheticData(32), run, progress=False)
+    assert calls == [1, 2]  # epoch 1's write failed; epoch 2's checkpoint was written before the run stopped
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 2

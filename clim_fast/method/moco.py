@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from clim_fast import distributed as dist
-from clim_fast.config import MINE_FEATURES
+from clim_fast.config import CUDA_GRAPH_MODES, MINE_FEATURES
 from clim_fast.method.backbone import build_backbone
 from clim_fast.method.losses import clim_loss
 from clim_fast.method.transfer import to_device
@@ -89,20 +89,20 @@ class MoCo(nn.Module):
         self.shuffle_generator = torch.Generator().manual_seed(cfg.seed * 7919)
         self._keys_to_enqueue = None
         self._ema_params = None  # (key params, query params), listed at the first momentum update
-        self.uses_cuda_graphs = False  # compile_encoders(mode="reduce-overhead")
+        self.uses_cuda_graphs = False  # compile_encoders with a CUDA-graph mode
 
     def compile_encoders(self, backend: str = "inductor", mode: str = "default") -> None:
         """torch.compile each encoder's per-view call (config `compile`, `compile_mode`). The views
         go through it one by one, so the query encoder compiles twice, whatever the number of
         multi-resolution views: once for image_size, once more with height and width dynamic at the
         second size (torch's automatic dynamic shapes), which then serves every other size. Mining's
-        feature pass (`key_features`) stays eager. With mode `reduce-overhead` each call replays as
-        a CUDA graph (one launch instead of hundreds), and `training.step.train_step` marks where
-        each step begins (`uses_cuda_graphs`)."""
+        feature pass (`key_features`) stays eager. With mode `reduce-overhead` (or `max-autotune`)
+        each call replays as a CUDA graph (one launch instead of hundreds), and
+        `training.step.train_step` marks where each step begins (`uses_cuda_graphs`)."""
         options = {} if mode == "default" else {"mode": mode}
         for encoder in (self.encoder_q, self.encoder_k):
             encoder.encode = torch.compile(encoder.encode, backend=backend, **options)
-        self.uses_cuda_graphs = mode == "reduce-overhead"
+        self.uses_cuda_graphs = mode in CUDA_GRAPH_MODES
 
     # -- the step --------------------------------------------------------------------------------
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:

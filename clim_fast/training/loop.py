@@ -227,7 +227,7 @@ def train_worker(local_rank: int, launch: Launch, cfg: Config, data, out: Path, 
                         mining.flush()  # the checkpoint names the table: it must be on disk first
                     if stopped:
                         last = save(**saving, epoch_file=False)
-                        writer.flush()
+                        finish_writes(writer)
                         log.write({"kind": "preempted", "epoch": state.epoch, "step": state.step,
                                    "iteration": state.iteration, "signal": stop.signum, "checkpoint": str(last)})
                         if rank == 0:
@@ -236,12 +236,12 @@ def train_worker(local_rank: int, launch: Launch, cfg: Config, data, out: Path, 
                         return last
                     if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
                         last = save(**saving, epoch_file=True)
-                writer.flush()
+                finish_writes(writer)
                 if state.epoch >= cfg.epochs and not last.exists() and rank == 0:
                     raise UserError(f"--epochs {cfg.epochs}: nothing to do, the checkpoint is already at that epoch")
                 return last
             finally:
-                writer.join()  # a failed write was raised by flush() above, unless another error is on its way
+                writer.wait()  # an error is on its way already, or finish_writes reported the writes
                 stop.restore()
                 if bar is not None:
                     bar.stop()
@@ -328,12 +328,19 @@ def save(out: Path, model: CLIM, optimizer, scaler, state: RunState, cfg: Config
                          "dataset_id": data.dataset_id, "num_samples": data.num_samples,
                          "world_size": dist.get_world_size()})
         paths = [folder / epoch_checkpoint_name(state.epoch), last] if epoch_file else [last]
-        writer.write(ckpt, *paths, then=(lambda: prune_epoch_checkpoints(folder, cfg.keep_checkpoints))
-                     if epoch_file else None)
+        failed = writer.write(ckpt, *paths, then=(lambda: prune_epoch_checkpoints(folder, cfg.keep_checkpoints))
+                              if epoch_file else None)
         log.write({"kind": "checkpoint", "epoch": state.epoch, "step": state.step, "path": str(paths[0]),
                    "blocking_s": time.perf_counter() - t0})
-    dist.barrier()
+    else:
+        failed = None
+    dist.raise_if_any_failed(failed, "writing the previous checkpoint")  # every rank stops together
     return last
+
+
+def finish_writes(writer: CheckpointWriter) -> None:
+    """Collective: rank 0's checkpoint writes are on disk; every rank raises if one failed."""
+    dist.raise_if_any_failed(writer.wait() if dist.get_rank() == 0 else None, "writing the checkpoint")
 
 
 def restore(path: Path, model: CLIM, optimizer, scaler) -> RunState:
