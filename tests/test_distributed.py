@@ -110,3 +110,34 @@ def test_shuffle_bn_across_ranks_gives_the_grouped_keys_of_one_process(tmp_path)
         got = torch.cat([ranks[0]["keys"][draw], ranks[1]["keys"][draw]])
         assert torch.allclose(got, expected, atol=1e-5)
     assert all(shape == (8, 128) for r in ranks for shape in r["gathered"])  # no image was gathered
+
+
+def _stop_worker(rank, port, out):
+    import torch.distributed as dist
+
+    from clim_fast.training.loop import StopFlag
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        stop = StopFlag(torch.device("cpu"))
+        try:
+            decisions = []
+            for iteration in range(1, 31):
+                if rank == 1 and iteration == 7:
+                    stop.signum = 15  # SIGTERM reaches rank 1 only
+                decisions.append(stop.agreed(iteration))
+        finally:
+            stop.restore()
+        (out / f"rank{rank}.txt").write_text(",".join(str(i + 1) for i, d in enumerate(decisions) if d))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_agree_to_stop_at_the_same_step_one_round_after_the_signal(tmp_path):
+    """A signal on one rank stops every rank at the same iteration: the flags summed at iteration
+    10 are acted on at 20 (and at every agreement point after), so no rank waits for the GPU's queue
+    to read them."""
+    from clim_fast.distributed import free_port
+
+    mp.start_processes(_stop_worker, args=(free_port(), tmp_path), nprocs=2, start_method="spawn")
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["20,30", "20,30"]

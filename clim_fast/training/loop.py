@@ -290,7 +290,7 @@ def train_one_epoch(step_fn, model: CLIM, optimizer, scaler, loader, epoch: int,
                 bar.describe(f"epoch {epoch} loss {values[names.index('loss')]:.3f}")
         if bar is not None:
             bar.update(state.iteration)
-        if stop.agreed(state.step):
+        if stop.agreed(state.iteration):
             stopped = True
             break
         t_ready = time.perf_counter()
@@ -363,22 +363,42 @@ def restore(path: Path, model: CLIM, optimizer, scaler) -> RunState:
 
 
 class StopFlag:
-    """SIGTERM / SIGINT set a flag; ranks agree on it every 10 steps, so none leaves a collective."""
+    """SIGTERM / SIGINT set a flag. Ranks agree on it every 10 steps, so none leaves a collective:
+    at iteration i they add up their flags and act on the sum made at i - 10, which has long reached
+    the host by then (a pinned copy and its event: the loop never waits for the GPU's queue)."""
+
+    EVERY = 10
 
     def __init__(self, device: torch.device):
         self.signum, self.device = 0, device
         self._previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        self._sum = None  # (host tensor, event or None): the sum of the last agreement step
 
     def _on_signal(self, signum, frame):
         self.signum = signum
 
-    def agreed(self, step: int) -> bool:
+    def agreed(self, iteration: int) -> bool:
+        """Whether to stop after this step; `iteration` counts the run's steps (every epoch length)."""
         if not dist.is_distributed():
             return self.signum != 0
-        if step % 10:
+        if iteration % self.EVERY:
             return False
-        flag = torch.tensor([float(self.signum != 0)], device=self.device)
-        return bool(dist.all_reduce_sum(flag).item() > 0)
+        decided = False
+        if self._sum is not None:
+            host, event = self._sum
+            if event is not None:
+                event.synchronize()  # recorded EVERY steps ago: done, whatever the GPU runs now
+            decided = bool(host.item() > 0)
+        total = dist.all_reduce_sum(torch.tensor([float(self.signum != 0)], device=self.device))
+        if total.is_cuda:
+            host = torch.empty(1, pin_memory=True)
+            host.copy_(total, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._sum = (host, event)
+        else:
+            self._sum = (total, None)
+        return decided
 
     def restore(self) -> None:
         for s, handler in self._previous.items():
