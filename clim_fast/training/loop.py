@@ -33,7 +33,7 @@ from clim_fast.training.checkpoint import (CheckpointWriter, capture_rng, check_
                                            epoch_checkpoint_name, find_resume_checkpoint, load_checkpoint,
                                            load_model_state, prune_epoch_checkpoints, restore_rng, snapshot)
 from clim_fast.training.launch import Launch, plan_launch, spawn, user_errors_to
-from clim_fast.training.metrics import RunLog, ThroughputMeter, gpu_memory_gb
+from clim_fast.training.metrics import PendingRecord, RunLog, ThroughputMeter, gpu_memory_gb
 from clim_fast.training.step import grad_scaler, train_step
 from dali_pipelines import PretrainLoader
 from dali_pipelines.epochs import check_batch
@@ -260,7 +260,14 @@ def train_one_epoch(step_fn, model: CLIM, optimizer, scaler, loader, epoch: int,
     total = cfg.epochs * steps
     window, whole = ThroughputMeter(), ThroughputMeter()
     loss_sum, loss_steps, first_wait = torch.zeros((), device=model.queue.device), 0, None
-    stopped, t_ready = False, time.perf_counter()
+    stopped, t_ready, pending = False, time.perf_counter(), None
+
+    def write_pending():  # the last step record, its values on the host by now
+        record = pending.done()
+        log.write(record)
+        if bar is not None:
+            bar.describe(f"epoch {epoch} loss {record['loss']:.3f}")
+
     for batch in loader:
         wait = time.perf_counter() - t_ready
         if first_wait is None:
@@ -280,20 +287,22 @@ def train_one_epoch(step_fn, model: CLIM, optimizer, scaler, loader, epoch: int,
         window.add(wait)
         whole.add(wait)
         if state.step % max(1, cfg.log_every) == 0 or state.step == steps:
+            if pending is not None:
+                write_pending()
             names = sorted(terms)
-            values = dist.all_reduce_mean(torch.stack([terms[n].float() for n in names])).tolist()
-            log.write({"kind": "step", "epoch": epoch, "step": state.step, "iteration": state.iteration, "lr": lr,
-                       **dict(zip(names, values)), **window.summary(gb), "gpu_mem_gb": gpu_memory_gb(loss.device),
-                       "time": time.time()})
+            means = dist.all_reduce_mean(torch.stack([terms[n].float() for n in names]))
+            pending = PendingRecord({"kind": "step", "epoch": epoch, "step": state.step, "iteration": state.iteration,
+                                     "lr": lr, **window.summary(gb), "gpu_mem_gb": gpu_memory_gb(loss.device),
+                                     "time": time.time()}, dict(zip(names, means)))
             window.reset()
-            if bar is not None:
-                bar.describe(f"epoch {epoch} loss {values[names.index('loss')]:.3f}")
         if bar is not None:
             bar.update(state.iteration)
         if stop.agreed(state.iteration):
             stopped = True
             break
         t_ready = time.perf_counter()
+    if pending is not None:
+        write_pending()
     state.loss_sum += float(dist.all_reduce_mean(loss_sum))
     state.loss_steps += loss_steps
     if state.step < steps:

@@ -71,6 +71,29 @@ class ThroughputMeter:
                 "data_wait": self.wait / elapsed}
 
 
+class PendingRecord:
+    """A log record whose values are still on the device: they go to pinned host memory without
+    waiting, and `done()` returns the whole record once the copy is done (the loop calls it a log
+    interval later, when it has long finished), so logging never drains the GPU's queue."""
+
+    def __init__(self, record: dict, values: dict[str, torch.Tensor]):
+        self.record, self.names = record, sorted(values)
+        stacked = torch.stack([values[n].detach().float() for n in self.names])
+        self.event = None
+        if stacked.is_cuda:
+            self.host = torch.empty(stacked.shape, pin_memory=True)
+            self.host.copy_(stacked, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = stacked
+
+    def done(self) -> dict:
+        if self.event is not None:
+            self.event.synchronize()
+        return {**self.record, **dict(zip(self.names, self.host.tolist()))}
+
+
 def gpu_memory_gb(device: torch.device) -> float:
     if device.type != "cuda":
         return 0.0
