@@ -323,3 +323,20 @@ def test_a_failed_checkpoint_write_stops_the_run_and_the_next_checkpoint_is_stil
         run_training(tiny("moco_v2", epochs=3, checkpoint_every=1), SyntheticData(32), run, progress=False)
     assert calls == [1, 2]  # epoch 1's write failed; epoch 2's checkpoint was written before the run stopped
     assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 2
+
+
+def test_two_ranks_stop_together_after_sigterm_and_resume_bit_for_bit(tmp_path):
+    """SIGTERM reaches both ranks (as a scheduler sends it) during iteration 11: the flags summed at
+    iteration 20 are acted on at 30, so both stop there, save, and `--resume auto` ends exactly
+    where an uninterrupted 2-rank run does."""
+    cfg = tiny("moco_v2", epochs=8)  # 32 samples, global batch 8: 4 steps an epoch, 32 iterations
+    full = tmp_path / "full"
+    run_training(cfg, SyntheticData(32), full, cpu_procs=2, progress=False)
+    cut = tmp_path / "cut"
+    run_training(cfg, SigtermSource(epoch=2, after=1, num_samples=32), cut, cpu_procs=2, progress=False)
+    stopped = read_log(cut, "preempted")
+    assert [(r["epoch"], r["step"], r["iteration"]) for r in stopped] == [(7, 2, 30)]
+    run_training(cfg, SyntheticData(32), cut, cpu_procs=2, resume="auto", progress=False)
+    a, b = ({r["iteration"]: r["loss"] for r in read_log(run, "step")} for run in (full, cut))
+    assert sorted(a) == sorted(b) == list(range(1, 33))
+    assert a == b
