@@ -60,8 +60,9 @@ BUDGETS = {
         temperature=0.2, crop_min_scale=0.5, ema_momentum=0.99, clusters=6, knn_k=5, mine_every=1,
         clim_start_epoch=1, workers=1, dali_threads=2)),
     # cpu: the default without a GPU; 2 min 31-32 s on 2 idle cores (docs/benchmarks.md). The width-16
-    # ResNet-18 is ~8x cheaper per image than the standard width 64, which buys 24 epochs (600 steps) instead of 10 (500
-    # smaller steps) of a width-64 net that ended below its own untrained kNN: see docs/benchmarks.md.
+    # ResNet-18 is ~8x cheaper per image than the standard width 64, which buys 24 epochs (600 steps)
+    # instead of 10 (500 smaller steps) of a width-64 net that ended below its own untrained kNN: see
+    # docs/benchmarks.md.
     "cpu": Budget(per_class=200, eval_k=200, config=dict(
         arch="resnet18", width=16, image_size=16, epochs=24, batch_size=64, queue_size=256, base_lr=0.12,
         warmup_epochs=1, temperature=0.1, crop_min_scale=0.5, ema_momentum=0.99, clusters=20, knn_k=10,
