@@ -183,6 +183,17 @@ def test_mine_command_writes_a_matching_table(shard_dir, checkpoint, tmp_path):
     assert table.positives.shape == (48, 5)
 
 
+def test_mine_command_takes_clusters_and_k_from_the_checkpoint(shard_dir, checkpoint, tmp_path):
+    from cli.app import app
+
+    out = tmp_path / "table.npz"
+    result = CliRunner().invoke(app, ["mine", "--checkpoint", str(checkpoint), "--shards", str(shard_dir),
+                                      "--out", str(out), "--engine", "torch", "--batch-size", "16", "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    stats = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (stats["clusters"], stats["k"]) == (8, 5)  # the checkpoint's config (tiny_config), not 10000 / 40
+
+
 def _invoke_error(args) -> str:
     from cli.app import app
 

@@ -452,6 +452,36 @@ def test_float16_output(dataset):
     assert batch["q"].dtype == torch.float16 and torch.isfinite(batch["q"]).all()
 
 
+def test_bfloat16_output_is_the_float32_batch_cast_down(dataset):
+    """DALI has no bfloat16: the graph makes float32 and the loader casts on the device."""
+    batches = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        loader = PretrainLoader(dataset, batch_size=BATCH, image_size=16, workers=0, dtype=dtype, seed=2)
+        batches[dtype] = next(iter(loader))
+        loader.close()
+    low, full = batches[torch.bfloat16], batches[torch.float32]
+    assert low["q"].dtype == torch.bfloat16 and low["id"].dtype == torch.int64
+    assert torch.equal(low["q"], full["q"].to(torch.bfloat16)) and torch.equal(low["id"], full["id"])
+
+
+@pytest.mark.parametrize("positives, decoders", [(False, 1), (True, 2)])
+def test_each_jpeg_is_decoded_once_however_many_views(positives, decoders):
+    """One decoder per JPEG stream (anchor, positive), whatever the number of multi-resolution views."""
+    from dali_pipelines.pretrain import augment_graph
+
+    views = moco_views(SIZE, (24, 16, 8))  # q, k and three smaller queries
+    counts = {}
+    for placement in ({}, {"cpu_views": True}):
+        from dali_pipelines.loader import Settings
+
+        settings = Settings("cpu", torch.float32, 0, 1, **placement)
+        pipe = augment_graph(lambda info: None, views, views if positives else (), settings, batch_size=2,
+                             num_threads=1, device_id=None)
+        pipe._build_graph()
+        counts[str(placement)] = sum(getattr(op._op, "schema_name", "") == "decoders__Image" for op in pipe._ops)
+    assert set(counts.values()) == {decoders}
+
+
 # --- errors and shutdown ------------------------------------------------------------------------
 
 def test_clear_errors(shard_dir, tmp_path, dataset):

@@ -340,3 +340,25 @@ def test_two_ranks_stop_together_after_sigterm_and_resume_bit_for_bit(tmp_path):
     a, b = ({r["iteration"]: r["loss"] for r in read_log(run, "step")} for run in (full, cut))
     assert sorted(a) == sorted(b) == list(range(1, 33))
     assert a == b
+
+
+def test_torchrun_and_slurm_are_detected_from_their_environment(monkeypatch):
+    from clim_fast.training.launch import LaunchEnv, detect_launcher
+
+    for name in list(os.environ):
+        if name.startswith("SLURM_") or name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            monkeypatch.delenv(name)
+    assert detect_launcher() is None
+    for name, value in dict(RANK="3", WORLD_SIZE="8", LOCAL_RANK="1", MASTER_ADDR="node7", MASTER_PORT="29411").items():
+        monkeypatch.setenv(name, value)
+    assert detect_launcher() == LaunchEnv(3, 8, 1, "node7", 29411)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name)
+    slurm = dict(SLURM_PROCID="5", SLURM_NTASKS="16", SLURM_LOCALID="1", SLURM_JOB_NODELIST="gpu[003-005,007],cpu01")
+    for name, value in slurm.items():
+        monkeypatch.setenv(name, value)
+    assert detect_launcher() == LaunchEnv(5, 16, 1, "gpu003", 29500)  # the node list's first host leads
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "cpu01,cpu02")
+    assert detect_launcher().master_addr == "cpu01"
+    monkeypatch.setenv("SLURM_NTASKS", "1")  # one task: not a distributed launch
+    assert detect_launcher() is None
