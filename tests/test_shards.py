@@ -403,3 +403,9 @@ def test_verify_passes_then_catches_corruption(shard_dir, tmp_path):
     assert report["problems"] == [f"{tar}: sha256 differs from the manifest"]
     result = run_cli("verify", copy)
     assert result.returncode == 1 and "sha256 differs" in result.stdout
+    # the DALI index files are checked too
+    shutil.rmtree(copy)
+    shutil.copytree(shard_dir, copy)
+    idx = sorted(copy.glob("*.idx"))[0]
+    idx.write_text(idx.read_text().replace(" ", "  ", 1))
+    assert verify_shards(copy)["problems"] == [f"{idx}: sha256 differs from the manifest"]
