@@ -172,6 +172,20 @@ def odd_folder(tmp_path_factory):
     return root
 
 
+def test_png_bmp_and_webp_files_are_reencoded_and_counted_by_reason(tmp_path):
+    root = make_photo_folder(tmp_path / "src", classes=1, per_class=2, ext=".JPEG")
+    folder = next(p for p in root.iterdir() if p.is_dir())
+    rgb = Image.open(next(folder.iterdir())).convert("RGB")
+    for ext, fmt in ((".png", "PNG"), (".bmp", "BMP"), (".webp", "WEBP")):
+        rgb.save(folder / f"other{ext}", format=fmt)
+    summary = write_shards(root, tmp_path / "out", seed=0)
+    assert summary["num_samples"] == 5 and summary["reencoded"] == 3 and summary["skipped_files"] == []
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["reencoded"]["by_reason"] == {"png image": 1, "bmp image": 1, "webp image": 1}
+    ds = ShardDataset(tmp_path / "out")
+    assert all(Image.open(io.BytesIO(ds.read(i)[0])).format == "JPEG" for i in range(5))
+
+
 def test_odd_files_reencoded_or_skipped_and_run_succeeds(odd_folder, tmp_path):
     summary = write_shards(odd_folder, tmp_path / "out", maxcount=5, seed=3)
     assert summary["source_files"] == 12 + 7

@@ -362,3 +362,30 @@ def test_torchrun_and_slurm_are_detected_from_their_environment(monkeypatch):
     assert detect_launcher().master_addr == "cpu01"
     monkeypatch.setenv("SLURM_NTASKS", "1")  # one task: not a distributed launch
     assert detect_launcher() is None
+
+
+def test_sigint_stops_like_sigterm_and_resume_says_where_it_continues(tmp_path, monkeypatch, capsys):
+    class SigintLoader(_KillingLoader):
+        def __iter__(self):
+            for i, batch in enumerate(self.inner):
+                yield batch
+                if self.current == 1 and i == 0:
+                    os.kill(os.getpid(), signal.SIGINT)
+
+    class SigintSource(SyntheticData):
+        def loader(self, cfg, rank, world_size, device, table_changes=None):
+            return SigintLoader(super().loader(cfg, rank, world_size, device), -1, -1)
+
+    run = tmp_path / "run"
+    cfg = tiny("moco_v2")
+    stopped = run_training(cfg, SigintSource(32), run, progress=False)
+    assert read_log(run, "preempted")[0]["signal"] == signal.SIGINT
+    assert load_checkpoint(stopped)["epoch"] == 1 and load_checkpoint(stopped)["step"] > 0
+    capsys.readouterr()
+    run_training(cfg, SyntheticData(32), run, resume="auto", progress=False)
+    ckpt = load_checkpoint(stopped)
+    assert f"resuming from {stopped} (epoch 1, step" in capsys.readouterr().err
+    assert ckpt["epoch"] == 2
+    fresh = tmp_path / "fresh"
+    run_training(cfg, SyntheticData(32), fresh, resume="auto", progress=False)  # nothing there yet
+    assert f"--resume auto: no checkpoint in {fresh}, starting fresh" in capsys.readouterr().err
