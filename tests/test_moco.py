@@ -219,3 +219,21 @@ def test_precision_picks_the_autocast_and_image_dtypes():
     assert autocast_dtype("fp16", cpu) == torch.float16
     assert image_dtype("auto", cuda) == torch.float16 and image_dtype("fp16", cuda) == torch.float16
     assert image_dtype("bf16", cuda) == torch.float32 and image_dtype("auto", cpu) == torch.float32
+
+
+def test_export_of_a_small_image_run_loads_into_a_torchvision_resnet_with_its_stem(tmp_path):
+    """Under 96 px the backbone has a 3x3 stride-1 conv1 and no maxpool: the export says so, and a
+    torchvision ResNet built that way gives the backbone's outputs."""
+    cfg = make_config("moco_v2", dict(arch="resnet18", image_size=32, queue_size=256))
+    torch.manual_seed(5)
+    model = MoCo(cfg)
+    summary = export_backbone(_checkpoint(tmp_path, model, cfg), tmp_path / "r18.pth")
+    assert "conv1 is 3x3 stride 1 and there is no maxpool" in summary["note"]
+    net = torchvision.models.resnet18(num_classes=10)
+    net.conv1 = torch.nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    net.maxpool = torch.nn.Identity()
+    result = net.load_state_dict(torch.load(tmp_path / "r18.pth", weights_only=True), strict=False)
+    assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"] and result.unexpected_keys == []
+    net.fc = torch.nn.Identity()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(net.eval()(x), model.encoder_q.backbone.eval()(x), atol=1e-5)

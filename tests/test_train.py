@@ -389,3 +389,15 @@ def test_sigint_stops_like_sigterm_and_resume_says_where_it_continues(tmp_path, 
     fresh = tmp_path / "fresh"
     run_training(cfg, SyntheticData(32), fresh, resume="auto", progress=False)  # nothing there yet
     assert f"--resume auto: no checkpoint in {fresh}, starting fresh" in capsys.readouterr().err
+
+
+def test_resume_fresh_starts_over_where_no_checkpoint_loads(tmp_path):
+    from shards.errors import UserError
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.pt").write_bytes(b"half a checkpoint")
+    with pytest.raises(UserError, match="--resume fresh"):
+        run_training(tiny("moco_v2", epochs=1), SyntheticData(32), run, resume="auto", progress=False)
+    last = run_training(tiny("moco_v2", epochs=1), SyntheticData(32), run, resume="fresh", progress=False)
+    assert load_checkpoint(last)["epoch"] == 1  # trained from scratch over the broken file
