@@ -279,6 +279,30 @@ def test_flat_folder_with_labels_file(flat_folder, photo_folder, shard_dir, tmp_
         assert ds.read(i) == ((flat_folder / rel).read_bytes(), by_name[rel])
 
 
+def test_imagenet_loc_val_solution_csv_gives_the_same_shards(flat_folder, shard_dir, tmp_path):
+    """ImageNet's LOC_val_solution.csv (header; `ImageId,PredictionString` whose first token is the
+    synset, then boxes and more synsets) labels the same as the plain `NAME LABEL` file."""
+    rows = [line.split() for line in (tmp_path / "labels.txt").read_text().splitlines()]
+    csv = tmp_path / "LOC_val_solution.csv"
+    csv.write_text("ImageId,PredictionString\n" + "".join(
+        f"{name},{label} 10 20 30 40 {label} 1 2 3 4 \n" for name, label in rows))
+    write_shards(flat_folder, tmp_path / "plain", labels=tmp_path / "labels.txt", classes=shard_dir, seed=1)
+    write_shards(flat_folder, tmp_path / "loc", labels=csv, classes=shard_dir, seed=1)
+    plain, loc = ShardDataset(tmp_path / "plain"), ShardDataset(tmp_path / "loc")
+    assert loc.num_samples == plain.num_samples == 48
+    assert [loc.read(i) for i in range(48)] == [plain.read(i) for i in range(48)]
+
+
+def test_src_itself_may_be_a_symlink(photo_folder, tmp_path):
+    link = tmp_path / "link-to-src"
+    link.symlink_to(photo_folder, target_is_directory=True)
+    write_shards(photo_folder, tmp_path / "real", seed=2)
+    write_shards(link, tmp_path / "linked", seed=2)
+    real, linked = ShardDataset(tmp_path / "real"), ShardDataset(tmp_path / "linked")
+    assert linked.num_samples == real.num_samples > 0
+    assert [linked.read(i) for i in range(real.num_samples)] == [real.read(i) for i in range(real.num_samples)]
+
+
 def test_labels_file_problems_are_user_errors(flat_folder, tmp_path):
     labels = tmp_path / "labels.txt"
     lines = labels.read_text().splitlines()
