@@ -401,3 +401,25 @@ def test_resume_fresh_starts_over_where_no_checkpoint_loads(tmp_path):
         run_training(tiny("moco_v2", epochs=1), SyntheticData(32), run, resume="auto", progress=False)
     last = run_training(tiny("moco_v2", epochs=1), SyntheticData(32), run, resume="fresh", progress=False)
     assert load_checkpoint(last)["epoch"] == 1  # trained from scratch over the broken file
+
+
+def test_training_from_an_offline_table_uses_it_from_epoch_0_and_refuses_a_foreign_one(tmp_path):
+    """--table (config init_table): epoch 0 trains on that table with no mining round; the next
+    round comes mine_every epochs later; a table mined on other shards is refused before training."""
+    from doubles import label_table
+    from shards.errors import UserError
+
+    data = SyntheticData(32)
+    labels = np.arange(32) % data.num_classes
+    table = tmp_path / "offline.npz"
+    label_table(labels, dataset_id=data.dataset_id).save(table)
+    run = tmp_path / "run"
+    run_training(tiny(epochs=3, mine_every=2, init_table=str(table)), data, run, progress=False)
+    epochs = read_log(run, "epoch")
+    assert [r["table"] for r in epochs[:2]] == [str(table)] * 2
+    assert [r["epoch"] for r in read_log(run, "mine")] == [2] and epochs[2]["table"].endswith("table-epoch-0002.npz")
+    foreign = tmp_path / "foreign.npz"
+    label_table(labels, dataset_id="other-shards").save(foreign)
+    with pytest.raises(UserError, match="foreign.npz"):
+        run_training(tiny(init_table=str(foreign)), data, tmp_path / "run2", progress=False)
+    assert not (tmp_path / "run2").exists()  # refused before anything was written
