@@ -381,7 +381,7 @@ class StopFlag:
     def __init__(self, device: torch.device):
         self.signum, self.device = 0, device
         self._previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        self._sum = None  # (host tensor, event or None): the sum of the last agreement step
+        self._sum: PendingRecord | None = None  # the flags summed at the last agreement step
 
     def _on_signal(self, signum, frame):
         self.signum = signum
@@ -392,21 +392,9 @@ class StopFlag:
             return self.signum != 0
         if iteration % self.EVERY:
             return False
-        decided = False
-        if self._sum is not None:
-            host, event = self._sum
-            if event is not None:
-                event.synchronize()  # recorded EVERY steps ago: done, whatever the GPU runs now
-            decided = bool(host.item() > 0)
+        decided = self._sum is not None and self._sum.done()["stop"] > 0  # summed EVERY steps ago: long done
         total = dist.all_reduce_sum(torch.tensor([float(self.signum != 0)], device=self.device))
-        if total.is_cuda:
-            host = torch.empty(1, pin_memory=True)
-            host.copy_(total, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            self._sum = (host, event)
-        else:
-            self._sum = (total, None)
+        self._sum = PendingRecord({}, {"stop": total[0]})
         return decided
 
     def restore(self) -> None:
