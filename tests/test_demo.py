@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -103,6 +104,25 @@ def test_plain_progress_lines_have_an_eta():
     assert lines[0] == "demo: train moco_v2 (seed 0) ..."
     assert lines[1].startswith("demo: train moco_v2 (seed 0): epoch 1/2 [5/10, ") and "ETA" in lines[1]
     assert lines[-1].startswith("demo: train moco_v2 (seed 0): done in ")
+
+
+def test_in_a_terminal_a_live_line_per_phase_shows_progress_and_an_eta_with_messages_above():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Terminal()
+    progress = DemoProgress(stream=stream)
+    assert progress.live
+    with progress.phase("train moco_v2 (seed 0)", total=10) as ph:
+        progress.log("a message")
+        ph.advance_to(10, "epoch 2/2")
+    progress.close()
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", stream.getvalue())  # without the terminal's control codes
+    assert "a message\n" in text
+    final = [line for line in text.replace("\r", "\n").splitlines() if "(0s)" in line]
+    assert final and "train moco_v2 (seed 0) (0s)" in final[-1] and "10/10" in final[-1] and "ETA" in final[-1]
+    assert "demo:" not in text  # not the piped form
 
 
 def test_demo_tiny_end_to_end(tmp_path):

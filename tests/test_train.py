@@ -10,7 +10,7 @@ from clim_fast.config import make_config
 from clim_fast.training.metrics import read_log
 from dali_pipelines.epochs import epoch_share
 from doubles import SyntheticData
-from clim_fast.mining.rounds import is_refresh_epoch
+from clim_fast.mining.rounds import ROUND_PARTS, is_refresh_epoch
 from clim_fast.training.loop import lr_at, run_training
 
 
@@ -208,6 +208,13 @@ def test_a_few_epochs_on_real_images_lower_the_loss(shard_dir, tmp_path):
     late = np.mean([s["loss_moco"] for s in steps[-3:]])
     assert late < early - 0.1
     assert sorted(p.name for p in (run / "tables").iterdir()) == ["table-epoch-0000.npz", "table-epoch-0003.npz"]
+    # each round's record holds its parts up to the first batch on its table (that epoch's first wait)
+    rounds, epochs = read_log(run, "mine"), {r["epoch"]: r for r in read_log(run, "epoch")}
+    assert [r["epoch"] for r in rounds] == [0, 3]
+    for r in rounds:
+        assert r["pickup_s"] == epochs[r["epoch"]]["first_batch_wait_s"]
+        assert r["round_s"] == pytest.approx(sum(r[k] for k in ROUND_PARTS)) and r["round_s"] >= r["feature_s"] > 0
+        assert 0 < r["feature_first_batch_s"] <= r["feature_s"]
     _, cfg, ckpt = model_from_checkpoint(run / "checkpoints" / "last.pt")
     assert ckpt["epoch"] == 5 and ckpt["table_path"].endswith("table-epoch-0003.npz") and cfg.mix == "cutmix"
 
