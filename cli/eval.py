@@ -14,7 +14,7 @@ from typing import Optional
 import typer
 
 from clim_fast.machine import resolve_device
-from shards.atomic import atomic_write_text, check_output_file
+from shards.atomic import atomic_write_text
 from shards.errors import UserError, os_errors_as_user_errors
 
 eval_app = typer.Typer(help="Measure a checkpoint: kNN, linear probe, class similarity, t-SNE.",
@@ -61,6 +61,8 @@ def default_out(checkpoint: Path) -> Path:
 def _out_folder(out: Optional[Path], checkpoint: Path) -> Path:
     """--out (default RUN/eval), created now: an unwritable or misplaced folder fails before any work."""
     out = out or default_out(checkpoint)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -74,7 +76,6 @@ def _finish(command: str, checkpoint: Path, out: Path, metrics: dict) -> None:
 
 
 def _feature_kw(image_size, batch_size, device, workers, threads, encoder) -> dict:
-
     if encoder not in ("query", "key"):
         raise UserError(f"--encoder {encoder}: choose query or key")
     return dict(image_size=image_size, batch_size=batch_size, device=resolve_device(device), workers=workers,
@@ -164,12 +165,13 @@ def tsne_command(checkpoint: Path = CHECKPOINT, shards: Path = SHARDS, val_shard
     """A PNG of a t-SNE embedding of random classes, coloured by class (CLIM Figure 1), on
     --val-shards when given, else on --shards."""
     from clim_fast.evaluation.measures import tsne_eval
+    from clim_fast.training.checkpoint import check_result_file
 
     if classes < 1 or per_class < 1:
         raise UserError("--classes and --per-class must be positive")
     out = _out_folder(out, checkpoint)
     png = png or out / f"tsne-{checkpoint.stem}.png"
-    check_output_file(png, "--png")  # before the feature pass, not after it
+    check_result_file(png, "--png", checkpoint)  # before the feature pass, not after it
     target = val_shards or shards
     metrics = tsne_eval(checkpoint, target, png, out, classes=classes, per_class=per_class, seed=seed, log=_log,
                         same_classes_as=shards if val_shards else None,

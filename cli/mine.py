@@ -9,7 +9,6 @@ from typing import Optional
 
 import typer
 
-from shards.atomic import check_output_file
 from shards.errors import UserError
 from clim_fast.config import MINE_ENGINES, MINE_FEATURES
 from clim_fast.machine import resolve_device
@@ -31,7 +30,7 @@ def mine_command(
 ) -> None:
     """Mine center-wise positives with a checkpoint's momentum encoder and write a table for
     `clim-fast train --table TABLE`."""
-    from clim_fast.training.checkpoint import model_from_checkpoint
+    from clim_fast.training.checkpoint import check_result_file, model_from_checkpoint
     from clim_fast.mining.engine import mine_from_model
     from clim_fast.mining.select import check_sizes, format_stats
     from shards import ShardDataset
@@ -42,7 +41,7 @@ def mine_command(
         raise UserError(f"--feature {feature}: choose from {', '.join(MINE_FEATURES)}")
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: must be positive")
-    check_output_file(out, "--out")  # before the feature pass, not after it
+    check_result_file(out, "--out", checkpoint)  # before the feature pass, not after it
     dev = resolve_device(device)
     dataset = ShardDataset(shards)  # a bad shard folder fails here, before the model loads
     model, cfg, ckpt = model_from_checkpoint(checkpoint, map_location=dev)

@@ -72,7 +72,7 @@ def register(app: typer.Typer) -> None:
         src: Path = typer.Argument(..., help="Image folder: one sub-folder per class, or flat with --labels."),
         out: Path = typer.Argument(..., help="Output folder for the shards (created if missing)."),
         maxcount: int = typer.Option(DEFAULT_MAXCOUNT, "--maxcount", help="Samples per shard (6000 ~ 0.66 GB of ImageNet)."),
-        workers: int = typer.Option(_default_workers(), "--workers", help="Processes checking/re-encoding images; the output does not depend on it."),
+        workers: int = typer.Option(_default_workers(), "--workers", help="Processes checking/re-encoding images (at most 2 a CPU core start); the output does not depend on it."),
         seed: int = typer.Option(0, "--seed", help="Seed of the id shuffle."),
         labels: Optional[Path] = typer.Option(None, "--labels", help="Labels file for a flat folder: lines 'FILE LABEL' (or ImageNet's LOC_val_solution.csv)."),
         classes: Optional[Path] = typer.Option(None, "--classes", help="Reuse the class mapping of another shard folder (e.g. train shards, for validation)."),

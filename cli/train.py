@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from clim_fast.config import Config, make_config, parse_overrides
+from clim_fast.config import PRESETS, make_config, parse_overrides
 
 
 def register(app: typer.Typer) -> None:
@@ -16,7 +16,7 @@ def register(app: typer.Typer) -> None:
     def train(
         shards: Path = typer.Option(..., "--shards", help="shard folder from `clim-fast shard`"),
         out: Path = typer.Option(..., "--out", help="run folder (config, log.jsonl, checkpoints, tables)"),
-        preset: Optional[str] = typer.Option(None, "--preset", help="moco_v2 | clim | clim_multires | clim_mixup"),
+        preset: Optional[str] = typer.Option(None, "--preset", help=" | ".join(PRESETS)),
         gpus: Optional[int] = typer.Option(
             None, "--gpus", help="GPUs on this node, one process each; 0: CPU; default: all visible GPUs"),
         cpu_procs: int = typer.Option(1, "--cpu-procs", help="CPU processes on gloo when --gpus 0"),
@@ -40,6 +40,7 @@ def register(app: typer.Typer) -> None:
         """Pretrain MoCo v2 / CLIM on shards."""
         import torch
 
+        from clim_fast.training.checkpoint import resumed_config
         from clim_fast.training.loop import run_training
 
         if gpus is None:
@@ -48,14 +49,8 @@ def register(app: typer.Typer) -> None:
         overrides = dict(epochs=epochs, batch_size=batch_size, arch=arch, image_size=image_size,
                          init_table=str(table) if table else None, compile=True if compile else None)
         overrides.update(parse_overrides(sets))
-        saved = out / "config.json"
-        if resume and preset is None and saved.is_file():
-            # resuming a run: its saved config is the base, explicit options still apply
-            base = Config.load(saved).to_dict()
-            base.update({k: v for k, v in overrides.items() if v is not None})
-            cfg = Config.from_dict(base)
-        else:
-            cfg = make_config(preset or "moco_v2", overrides)
+        base = resumed_config(resume, out) if resume and preset is None else None
+        cfg = make_config(preset or "moco_v2", overrides, base=base)
         final = run_training(cfg, shards, out, gpus=gpus, cpu_procs=cpu_procs, resume=resume, nnodes=nnodes,
                              node_rank=node_rank, master_addr=master_addr, master_port=master_port,
                              share_gpu=share_gpu)

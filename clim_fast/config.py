@@ -134,6 +134,9 @@ class Config:
             raise UserError(f"config: crop_min_scale must be in (0, 1], got {self.crop_min_scale}")
         if self.compile_mode != "default" and not self.compile:
             raise UserError(f"config: compile_mode={self.compile_mode} needs compile=true (--compile)")
+        if self.queue_size % self.batch_size:  # every step replaces one global batch of keys
+            raise UserError(f"config: queue_size {self.queue_size} must be a multiple of the global batch_size "
+                            f"{self.batch_size}")
         if self.multires and self.mix == "none":
             raise UserError("config: multires needs a mixing method (set mix=cutmix or mix=mixup)")
 
@@ -230,14 +233,14 @@ def parse_overrides(pairs: list[str] | None) -> dict:
     return out
 
 
-def make_config(preset: str = "moco_v2", overrides: dict | None = None) -> Config:
-    """Preset first, then overrides (CLI options and --set pairs)."""
-    if preset not in PRESETS:
+def make_config(preset: str = "moco_v2", overrides: dict | None = None, *, base: Config | None = None) -> Config:
+    """A preset's config (or `base`: a resumed run's), then `overrides` (CLI options and --set
+    pairs; a None value leaves its field as it is)."""
+    if base is not None:
+        values = base.to_dict()
+    elif preset in PRESETS:
+        values = dict(PRESETS[preset], preset=preset)
+    else:
         raise UserError(f"--preset {preset}: unknown preset; choose from {', '.join(PRESETS)}")
-    values = dict(PRESETS[preset], preset=preset)
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    names = {f.name for f in dataclasses.fields(Config)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise UserError(f"config: unknown field(s) {', '.join(unknown)}")
-    return Config(**values)
+    return Config.from_dict(values)

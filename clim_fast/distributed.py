@@ -1,7 +1,7 @@
 """Process-group set-up and the few collectives the rest of the code needs.
 
 Every helper works unchanged in a single process (no process group): gathers return the local
-value, broadcasts return it as is, barriers do nothing.
+value, broadcasts return it as is.
 """
 
 from __future__ import annotations
@@ -13,8 +13,11 @@ import socket
 import torch
 import torch.distributed as dist
 
-from clim_fast.method.transfer import to_device
+from clim_fast.transfer import to_device
 from shards.errors import UserError
+
+
+DEFAULT_PORT = 29500  # torch.distributed's own default (torchrun, SLURM jobs without MASTER_PORT)
 
 
 def free_port() -> int:
@@ -24,7 +27,7 @@ def free_port() -> int:
 
 
 def init_distributed(rank: int, world_size: int, *, backend: str, master_addr: str = "127.0.0.1",
-                     master_port: int = 29500, timeout_s: float = 1800) -> None:
+                     master_port: int = DEFAULT_PORT, timeout_s: float = 1800) -> None:
     """Join the process group (no-op for world_size 1). NCCL on GPUs, gloo on CPU."""
     if world_size <= 1 or dist.is_initialized():
         return
@@ -52,15 +55,6 @@ def get_rank() -> int:
 
 def get_world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
-
-
-def is_main() -> bool:
-    return get_rank() == 0
-
-
-def barrier() -> None:
-    if is_distributed():
-        dist.barrier()
 
 
 def _comm_device() -> torch.device:

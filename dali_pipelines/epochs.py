@@ -40,11 +40,12 @@ def epoch_share(num_samples: int, global_batch: int, rank: int, world_size: int,
     if not 0 <= rank < world_size:
         raise UserError(f"rank {rank}: outside 0..{world_size - 1}")
     check_batch(num_samples, global_batch, world_size)
-    kept = (num_samples // global_batch) * global_batch
+    kept = steps_per_epoch(num_samples, global_batch) * global_batch
     return epoch_permutation(num_samples, seed, epoch)[:kept][rank::world_size]
 
 
 def steps_per_epoch(num_samples: int, global_batch: int) -> int:
+    """Whole global batches only (drop-last): every rank takes the same number of steps."""
     return num_samples // global_batch
 
 

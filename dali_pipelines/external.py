@@ -31,8 +31,9 @@ from pathlib import Path
 import numpy as np
 
 from dali_pipelines.augment import RngBank, ViewSpec, center_crop_roi, draw_views
-from dali_pipelines.epochs import PAD_ID, epoch_share
+from dali_pipelines.epochs import PAD_ID, epoch_share, steps_per_epoch
 from shards.dataset import TarMaps
+from shards.format import SAMPLES
 
 ANCHOR_STREAM, POSITIVE_STREAM = 0, 1
 POLL_S = 0.005
@@ -43,7 +44,7 @@ class ShardReader:
     its tars (mmapped), opened lazily and dropped on pickle, so each worker maps its own."""
 
     def __init__(self, dataset):
-        self.samples_path = str(Path(dataset.root) / "samples.npy")
+        self.samples_path = str(Path(dataset.root) / SAMPLES)
         self._maps = TarMaps(dataset.tar_paths)
         self._index = None
 
@@ -184,7 +185,7 @@ class AugmentSource:
         self.num_samples, self.global_batch = num_samples, global_batch
         self.local_batch = global_batch // world_size
         self.rank, self.world_size, self.seed, self.start = rank, world_size, seed, start
-        self.share_len = (num_samples // global_batch) * global_batch // world_size
+        self.share_len = steps_per_epoch(num_samples, global_batch) * self.local_batch
         self.anchor_views, self.positive_views, self.tables = anchor_views, positive_views, tables
         self._share, self._share_epoch, self._rngs = None, None, None
 

@@ -90,10 +90,6 @@ class PretrainLoader(EpochLoader):
         self._install_table(table)
 
     # -- the loop's API -----------------------------------------------------------------------------
-    @property
-    def table(self):
-        return self._table
-
     def set_table(self, table) -> None:
         """Use `table` (a NeighbourTable, or None for plain MoCo v2) from the next `set_epoch`."""
         self._check_table(table)
@@ -127,19 +123,19 @@ class PretrainLoader(EpochLoader):
         table.check_matches(self.dataset.dataset_id, self.num_samples, where)
 
     def _install_table(self, table) -> None:
-        if table is self._table and (table is None or self._table_folder is not None):
+        if table is self._table:
             return
         self._check_table(table)
-        self._table, self._table_folder = table, None
-        if table is not None:
+        folder = None
+        if table is not None:  # written before it is installed: a failed write leaves the last table in use
             folder = self._scratch.path / f"table-{len(self._table_folders)}"
-            folder.mkdir(parents=True)
+            folder.mkdir(parents=True, exist_ok=True)
             np.save(folder / "positives.npy", np.ascontiguousarray(table.positives, dtype=np.int32))
             np.save(folder / "counts.npy", np.ascontiguousarray(table.counts, dtype=np.int32))
-            self._table_folder = str(folder)
             self._table_folders.append(folder)
             for old in self._table_folders[:-2]:  # workers that still map one keep their view (POSIX)
                 shutil.rmtree(old, ignore_errors=True)
+        self._table, self._table_folder = table, None if folder is None else str(folder)
 
     def _publish(self, epoch: int) -> None:
         if epoch not in self._published:

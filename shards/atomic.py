@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from shards.errors import FileSystemError, UserError, os_error_message
+from shards.format import MANIFEST
 
 
 def _read_umask() -> int:
@@ -33,12 +34,19 @@ def _reason(e: OSError) -> str:
     return os_error_message(e).rsplit(": ", 1)[-1]
 
 
-def check_output_file(path: str | Path, option: str) -> None:
+def check_output_file(path: str | Path, option: str, *, inputs=()) -> None:
     """Before a long computation whose result goes to `path`: refuse a path that atomic_open could
-    not write anyway (a folder in its place, a file where one of its folders should be)."""
+    not write anyway (a folder in its place, a file where one of its folders should be), one of
+    the command's `inputs` (it would be replaced), and a file in a shard folder (which holds only
+    the files its manifest lists)."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{option} {path}: is a folder, not a file")
+    for given in inputs:
+        if path.exists() and Path(given).exists() and os.path.samefile(path, given):
+            raise UserError(f"{option} {path}: is this command's input {given}; choose another file")
+    if (path.parent / MANIFEST).exists():
+        raise UserError(f"{option} {path}: inside the shard folder {path.parent}; choose a file outside it")
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():

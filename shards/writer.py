@@ -27,6 +27,7 @@ from shards.errors import UserError, os_errors_as_user_errors
 from shards.lock import folder_lock
 from shards.atomic import atomic_write_bytes, atomic_write_text
 from shards.dali_index import index_line, index_text
+from shards.dataset import ShardDataset
 from shards.encode import SKIP, Checked, check_chunk, check_file
 from shards.format import (DEFAULT_MAXCOUNT, FORMAT_NAME, FORMAT_VERSION, MANIFEST, PARTIAL,
                            SAMPLE_DTYPE, SAMPLES, SOURCES, index_name, key_width, sample_key,
@@ -38,6 +39,9 @@ from shards.tar_writer import TarWriter
 RUN_RECORD = "run.json"
 # Test hook: seconds to sleep after each completed shard, so a test can kill a run mid-way.
 DELAY_ENV = "CLIM_FAST_SHARD_DELAY_S"
+
+
+MAX_WORKERS_PER_CORE = 2
 
 
 class Interrupted(KeyboardInterrupt):
@@ -59,7 +63,10 @@ def write_shards(src, out, *, maxcount: int = DEFAULT_MAXCOUNT, workers: int = 1
         raise UserError(f"--workers: must be at least 1, got {workers}")
     if max_side is not None and max_side < 1:
         raise UserError(f"--max-side: must be at least 1, got {max_side}")
-    if Path(src).resolve() in Path(out).resolve().parents or Path(src).resolve() == Path(out).resolve():
+    if seed < 0:
+        raise UserError(f"--seed: must be >= 0, got {seed}")
+    src_path, out_path = _resolved(src), _resolved(out)
+    if src_path in out_path.parents or src_path == out_path:
         raise UserError(f"{out}: inside the source folder {src}; choose an output folder outside it")
     started = time.perf_counter()
     sources = find_sources(src, labels, _class_mapping(classes), follow_links)
@@ -76,11 +83,23 @@ def write_shards(src, out, *, maxcount: int = DEFAULT_MAXCOUNT, workers: int = 1
                              follow_links=follow_links)
 
 
+def _resolved(path) -> Path:
+    try:
+        return Path(path).resolve()
+    except (RuntimeError, OSError) as e:  # a symbolic link loop (RuntimeError before Python 3.13)
+        raise UserError(f"{path}: cannot be resolved ({e})") from None
+
+
 def _write_locked(src, out: Path, sources: SourceList, fingerprint: str, *, maxcount: int, workers: int,
                   seed: int, labels, max_side: int | None, resume: bool, progress: bool, started: float,
                   follow_links: bool) -> dict:
     finished = _finished_manifest(out, fingerprint, resume)
     if finished is not None:
+        try:
+            ShardDataset(out)  # every file there, at its size (a full check of the bytes: `clim-fast verify`)
+        except UserError as e:
+            raise UserError(f"{out}: holds this dataset but is damaged: {e}. Move it away and shard again "
+                            "(`clim-fast verify` lists every problem)") from None
         shutil.rmtree(out / PARTIAL, ignore_errors=True)
         return _summary(out, finished, started, resumed_shards=len(finished["shards"]), already_complete=True,
                         checked_files=0)
@@ -216,6 +235,9 @@ def _checked_stream(sources: SourceList, order: np.ndarray, start: int, workers:
         for k, path in enumerate(paths):
             yield start + k, check_file(path, max_side)
         return
+    # Checking is CPU-bound: processes beyond MAX_WORKERS_PER_CORE a core only add start-up (a
+    # mistyped --workers 100000 would start that many).
+    workers = min(workers, MAX_WORKERS_PER_CORE * (os.cpu_count() or 1), len(paths))
     # Chunks amortise the round trip; a bounded window keeps memory flat at ImageNet scale.
     chunk = max(1, min(32, len(paths) // (workers * 8)))
     chunks = (paths[k:k + chunk] for k in range(0, len(paths), chunk))

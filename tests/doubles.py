@@ -102,14 +102,18 @@ class _LabelMining:
         self.data, self.cfg, self.run_dir = data, cfg, run_dir
 
     def __call__(self, model, epoch: int):
+        import torch.distributed as tdist
+
         from clim_fast import distributed as dist
+        from clim_fast.mining.rounds import table_path
 
         labels = np.arange(self.data.num_samples) % self.data.num_classes
         table = label_table(labels, seed=self.cfg.seed + epoch, dataset_id=self.data.dataset_id)
-        path = self.run_dir / "tables" / f"table-epoch-{epoch:04d}.npz"
-        if dist.is_main():
+        path = table_path(self.run_dir, epoch)
+        if dist.get_rank() == 0:
             table.save(path)
-        dist.barrier()
+        if dist.is_distributed():
+            tdist.barrier()
         return table, path, {"kind": "mine", "epoch": epoch, "table": str(path)}
 
     def flush(self) -> None:

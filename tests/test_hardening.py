@@ -8,6 +8,7 @@ import io
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -789,3 +790,83 @@ def test_a_jpeg_too_short_for_its_claimed_size_is_skipped_not_decoded_as_grey():
     sof9 = hostile.replace(b"\xff\xc0", b"\xff\xc9", 1)
     assert _frame_header(sof9)[1] and not _frame_header(hostile)[1]
     assert not _frame_header(hostile[:2] + b"\xff\xe1\x00\x06\xff\xc9\xff\xc9" + hostile[2:])[1]
+
+
+# --- careless input found by an audit (session 13) ------------------------------------------------
+
+def test_shard_refuses_a_negative_seed_and_a_symlink_loop_before_writing(small_src, tmp_path):
+    with pytest.raises(UserError, match=r"^--seed: must be >= 0, got -1$"):  # was numpy's traceback and a .partial
+        write_shards(small_src, tmp_path / "out", seed=-1)
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    for src, out in ((tmp_path / "a", tmp_path / "out"), (small_src, tmp_path / "a")):
+        with pytest.raises(UserError, match=r"/a: cannot be resolved"):  # was RuntimeError: Symlink loop
+            write_shards(src, out)
+
+
+def test_shard_starts_no_more_worker_processes_than_it_can_use(small_src, tmp_path):
+    summary = write_shards(small_src, tmp_path / "out", workers=100_000, maxcount=16)  # started 100,000 and hung
+    assert summary["num_samples"] == 40 and verify_shards(tmp_path / "out")["ok"]
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate"])
+def test_shard_rerun_over_a_damaged_complete_folder_says_so_instead_of_already_complete(small_src, tmp_path, damage):
+    out = tmp_path / "out"
+    write_shards(small_src, out, maxcount=16)
+    tar = out / "shard-000001.tar"
+    if damage == "delete":
+        tar.unlink()
+    else:
+        tar.write_bytes(tar.read_bytes()[:1000])
+    for resume in (False, True):
+        with pytest.raises(UserError, match=rf"^{out}: holds this dataset but is damaged: .*shard-000001\.tar.*"
+                                            r"`clim-fast verify`"):
+            write_shards(small_src, out, maxcount=16, resume=resume)
+
+
+def test_mine_export_and_tsne_never_write_over_their_inputs_a_shard_folder_or_a_runs_checkpoints(
+        checkpoint, shard_dir, tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    other = run / "checkpoints" / "epoch-0002.pt"
+    shutil.copy(checkpoint, other)
+    before = checkpoint.read_bytes()
+    cases = [(("mine", "--checkpoint", checkpoint, "--shards", shard_dir, "--device", "cpu", "--out", checkpoint),
+              f"--out {checkpoint}: is this command's input"),
+             (("mine", "--checkpoint", checkpoint, "--shards", shard_dir, "--device", "cpu",
+               "--out", shard_dir / "manifest.json"), f"inside the shard folder {shard_dir}"),
+             (("export", "--checkpoint", checkpoint, "--out", checkpoint), "is this command's input"),
+             (("export", "--checkpoint", checkpoint, "--out", other), "inside the training run's checkpoint folder"),
+             (("eval", "tsne", "--checkpoint", checkpoint, "--shards", shard_dir, "--device", "cpu",
+               "--out", tmp_path / "e", "--png", shard_dir / "x.png"), "inside the shard folder")]
+    for args, needle in cases:
+        with pytest.raises(UserError, match=re.escape(needle)):
+            _cli(*args)
+    assert checkpoint.read_bytes() == before and other.read_bytes() == before and verify_shards(shard_dir)["ok"]
+
+
+def test_eval_out_that_is_a_file_is_named_as_not_a_folder(checkpoint, shard_dir, tmp_path):
+    (tmp_path / "afile.txt").write_text("x")
+    with pytest.raises(UserError, match=rf"^--out {tmp_path / 'afile.txt'}: exists and is not a folder$"):
+        _cli("eval", "knn", "--checkpoint", checkpoint, "--shards", shard_dir, "--out", tmp_path / "afile.txt")
+
+
+def test_train_resume_without_config_json_starts_from_the_checkpoints_config(shard_dir, tmp_path):
+    """A run folder without config.json (or a checkpoint resumed into a new folder) resumes with the
+    checkpoint's config, not with the default preset's."""
+    from clim_fast.training.checkpoint import load_checkpoint
+
+    run = tmp_path / "run"
+    args = ("train", "--shards", shard_dir, "--out", run, "--gpus", "0", "--preset", "moco_v2", "--arch", "resnet18",
+            "--image-size", "16", "--batch-size", "8", "--epochs", "1", "--set", "queue_size=16", "--set",
+            "base_lr=0.1", "--set", "workers=1", "--set", "dali_threads=1")
+    code, output = _cli(*args)
+    assert code == 0, output
+    (run / "config.json").unlink()
+    code, output = _cli("train", "--shards", shard_dir, "--out", run, "--gpus", "0", "--resume", "auto",
+                        "--epochs", "2")
+    assert code == 0, output
+    ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert ckpt["epoch"] == 2 and ckpt["config"]["base_lr"] == 0.1 and ckpt["config"]["batch_size"] == 8

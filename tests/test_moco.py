@@ -80,9 +80,11 @@ def test_momentum_update_formula():
 
 
 def test_queue_rejects_a_batch_that_does_not_divide_it():
-    model = MoCo(tiny_cfg(queue_size=20))
+    with pytest.raises(UserError, match="queue_size 20 must be a multiple of the global batch_size 8"):
+        tiny_cfg(queue_size=20, batch_size=8)
+    model = MoCo(tiny_cfg(queue_size=24, batch_size=8))
     with pytest.raises(ValueError, match="multiple"):
-        model.dequeue_and_enqueue(torch.randn(8, 128))
+        model.dequeue_and_enqueue(torch.randn(5, 128))
     with pytest.raises(RuntimeError, match="without a forward"):
         model.enqueue_keys()
 
@@ -146,7 +148,7 @@ def _checkpoint(tmp_path, model, cfg, name="c.pt", epoch=1):
 
 
 def test_export_loads_into_torchvision_resnet(tmp_path):
-    cfg = make_config("moco_v2", dict(arch="resnet18", image_size=224, queue_size=256))
+    cfg = make_config("moco_v2", dict(arch="resnet18", image_size=224, queue_size=256, batch_size=256))
     torch.manual_seed(4)
     model = MoCo(cfg)
     ckpt = _checkpoint(tmp_path, model, cfg)
@@ -224,7 +226,7 @@ def test_precision_picks_the_autocast_and_image_dtypes():
 def test_export_of_a_small_image_run_loads_into_a_torchvision_resnet_with_its_stem(tmp_path):
     """Under 96 px the backbone has a 3x3 stride-1 conv1 and no maxpool: the export says so, and a
     torchvision ResNet built that way gives the backbone's outputs."""
-    cfg = make_config("moco_v2", dict(arch="resnet18", image_size=32, queue_size=256))
+    cfg = make_config("moco_v2", dict(arch="resnet18", image_size=32, queue_size=256, batch_size=256))
     torch.manual_seed(5)
     model = MoCo(cfg)
     summary = export_backbone(_checkpoint(tmp_path, model, cfg), tmp_path / "r18.pth")

@@ -9,7 +9,8 @@ from clim_fast.training.checkpoint import load_checkpoint, model_from_checkpoint
 from clim_fast.config import make_config
 from clim_fast.training.metrics import read_log
 from dali_pipelines.epochs import epoch_share
-from doubles import SyntheticData
+from shards.errors import UserError
+from doubles import SyntheticData, SyntheticPretrainLoader
 from clim_fast.mining.rounds import ROUND_PARTS, is_refresh_epoch
 from clim_fast.training.loop import lr_at, run_training
 
@@ -158,8 +159,6 @@ def test_schedule_and_refresh_epochs():
 
 
 def test_bad_setups_are_user_errors(tmp_path):
-    from shards.errors import UserError
-
     with pytest.raises(UserError, match="queue_size"):
         run_training(tiny(queue_size=12), SyntheticData(32), tmp_path / "a", progress=False)
     with pytest.raises(UserError, match="batch-size"):
@@ -177,7 +176,6 @@ def test_bad_setups_are_user_errors(tmp_path):
 
 
 def test_a_run_folder_holds_one_training_at_a_time(tmp_path):
-    from shards.errors import UserError
     from shards.lock import folder_lock
 
     with folder_lock(tmp_path / "run", "another clim-fast train"):
@@ -228,7 +226,6 @@ def test_a_few_epochs_on_real_images_lower_the_loss(shard_dir, tmp_path):
 ], ids=["rank-high", "rank-neg", "nnodes-0", "port-high", "port-0"])
 def test_bad_node_options_are_refused_before_anything_starts(tmp_path, monkeypatch, options, message):
     from clim_fast.training.launch import plan_launch
-    from shards.errors import UserError
 
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
         monkeypatch.delenv(name, raising=False)
@@ -242,7 +239,6 @@ def test_bad_node_options_are_refused_before_anything_starts(tmp_path, monkeypat
 
 def test_a_fresh_run_training_never_overwrites_an_earlier_run(tmp_path):
     """The Python API is protected like `clim-fast train` (which used to be the only one checking)."""
-    from shards.errors import UserError
 
     run = tmp_path / "run"
     run.mkdir()
@@ -399,8 +395,6 @@ def test_sigint_stops_like_sigterm_and_resume_says_where_it_continues(tmp_path, 
 
 
 def test_resume_fresh_starts_over_where_no_checkpoint_loads(tmp_path):
-    from shards.errors import UserError
-
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "last.pt").write_bytes(b"half a checkpoint")
@@ -414,7 +408,6 @@ def test_training_from_an_offline_table_uses_it_from_epoch_0_and_refuses_a_forei
     """--table (config init_table): epoch 0 trains on that table with no mining round; the next
     round comes mine_every epochs later; a table mined on other shards is refused before training."""
     from doubles import label_table
-    from shards.errors import UserError
 
     data = SyntheticData(32)
     labels = np.arange(32) % data.num_classes
@@ -430,3 +423,78 @@ def test_training_from_an_offline_table_uses_it_from_epoch_0_and_refuses_a_forei
     with pytest.raises(UserError, match="foreign.npz"):
         run_training(tiny(init_table=str(foreign)), data, tmp_path / "run2", progress=False)
     assert not (tmp_path / "run2").exists()  # refused before anything was written
+
+
+def test_a_finished_checkpoint_resumed_into_a_new_folder_is_refused_before_anything_is_written(tmp_path):
+    last = run_training(tiny("moco_v2", epochs=1), SyntheticData(32), tmp_path / "a", progress=False)
+    with pytest.raises(UserError, match=r"--epochs 1: nothing to do, .*last.pt is already at epoch 1"):
+        run_training(tiny("moco_v2", epochs=1), SyntheticData(32), tmp_path / "b", resume=last, progress=False)
+    assert list((tmp_path / "b").iterdir()) == []  # no config.json or log.jsonl: `b` still takes a fresh run
+    again = run_training(tiny("moco_v2", epochs=1), SyntheticData(32), tmp_path / "a", resume="auto", progress=False)
+    assert again == last  # the run's own folder: done already, quietly
+
+
+class _UnmeasurableLoader(SyntheticPretrainLoader):
+    def __init__(self, closed, **kw):
+        super().__init__(**kw)
+        self.closed = closed
+
+    def __len__(self):
+        raise UserError("the loader cannot start")
+
+    def close(self):
+        self.closed.append("loader")
+
+
+class _BrokenLoaderData(SyntheticData):
+    """Its loader fails when built, or when asked its length (after the signal handlers are set)."""
+
+    def __init__(self, n, fail_at):
+        super().__init__(n)
+        self.fail_at, self.closed = fail_at, []
+
+    def mining(self, cfg, run_dir, device):
+        mining = super().mining(cfg, run_dir, device)
+        mining.close = lambda: self.closed.append("mining")
+        return mining
+
+    def loader(self, cfg, rank, world_size, device, table_changes=None):
+        if self.fail_at == "build":
+            raise UserError("the loader cannot start")
+        return _UnmeasurableLoader(self.closed, num_samples=self.num_samples, batch_size=cfg.batch_size,
+                                   image_size=cfg.image_size, rank=rank, world_size=world_size, device=device)
+
+
+@pytest.mark.parametrize("fail_at,closed", [("build", ["mining"]), ("len", ["loader", "mining"])])
+def test_a_failed_setup_undoes_what_was_set_up_before_it(tmp_path, fail_at, closed):
+    """What was made before the failure is closed, and the signal handlers are the caller's again
+    (a process that trains twice, like the demo, keeps its own Ctrl-C)."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    data = _BrokenLoaderData(32, fail_at)
+    with pytest.raises(UserError, match="the loader cannot start"):
+        run_training(tiny(), data, tmp_path / "run", progress=True)
+    assert data.closed == closed
+    assert {s: signal.getsignal(s) for s in handlers} == handlers
+
+
+def test_a_run_folder_resumes_after_a_move_and_from_another_directory_on_its_own_table(tmp_path, monkeypatch):
+    """The checkpoint names its table relative to RUN: neither the working directory nor a moved
+    or copied run folder makes a resume read another run's table."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    run_training(tiny(epochs=1, clim_start_epoch=0, mine_every=5), SyntheticData(32), "run", progress=False)
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["table_path"] == \
+        os.path.join("tables", "table-epoch-0000.npz")
+    shutil.move(tmp_path / "run", tmp_path / "moved")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    last = run_training(tiny(epochs=2, clim_start_epoch=0, mine_every=5), SyntheticData(32), tmp_path / "moved",
+                        resume="auto", progress=False)
+    assert load_checkpoint(last)["epoch"] == 2
+    assert read_log(tmp_path / "moved", "epoch")[-1]["table"] == os.path.join("tables", "table-epoch-0000.npz")
+    shutil.copytree(tmp_path / "moved", tmp_path / "copy")
+    (tmp_path / "copy" / "tables" / "table-epoch-0000.npz").write_bytes(b"not a table")
+    with pytest.raises(UserError, match=r"copy/tables/table-epoch-0000\.npz"):  # its own table, not the original's
+        run_training(tiny(epochs=3, clim_start_epoch=0, mine_every=5), SyntheticData(32), tmp_path / "copy",
+                     resume="auto", progress=False)

@@ -32,6 +32,7 @@ from clim_fast.machine import cpu_name
 from clim_fast.method.moco import MoCo
 from clim_fast.training.loop import run_training
 from clim_fast.training.metrics import read_log
+from dali_pipelines.epochs import steps_per_epoch
 from shards import ShardDataset, write_shards
 from shards.atomic import atomic_write_text
 from shards.errors import UserError
@@ -274,13 +275,12 @@ class _Context:
         return result
 
     def train_and_eval(self, preset: str, seed: int, tsne: bool) -> dict:
-
         cfg = train_config(preset, self.budget, seed, self.overrides)
         run_dir = self.out / "runs" / preset / f"seed-{seed}"
         shutil.rmtree(run_dir, ignore_errors=True)
-        steps_per_epoch = self.train_set.num_samples // cfg.batch_size
+        steps = steps_per_epoch(self.train_set.num_samples, cfg.batch_size)
         gpus = 1 if self.dev.type == "cuda" else 0
-        with self.progress.phase(f"train {preset} (seed {seed})", total=cfg.epochs * steps_per_epoch) as ph:
+        with self.progress.phase(f"train {preset} (seed {seed})", total=cfg.epochs * steps) as ph:
             t0 = time.time()
             with self.progress.watch_training(ph, run_dir, cfg.epochs):
                 checkpoint = run_training(cfg, self.shard_dirs["train"], run_dir, gpus=gpus, cpu_procs=1,

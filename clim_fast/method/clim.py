@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from clim_fast.method.losses import clim_loss
 from clim_fast.method.mixing import mix_images
-from clim_fast.method.moco import MoCo
+from clim_fast.method.moco import MoCo, step_generator
 from dali_pipelines.names import mixing_pairs
 
 
@@ -31,7 +31,7 @@ class CLIM(MoCo):
         self.mix, self.alpha, self.mix_weight = cfg.mix, cfg.alpha, cfg.mix_weight
         self.multires_sizes = cfg.multires_sizes
         # lambdas and boxes differ per rank (each rank mixes its own samples)
-        self.mix_generator = torch.Generator().manual_seed(cfg.seed * 7919 + 1 + rank)
+        self.mix_generator = step_generator(cfg.seed, 1 + rank)
 
     def generators(self) -> dict[str, torch.Generator]:
         """Every random stream of the step, for checkpoints."""

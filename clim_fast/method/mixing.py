@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from clim_fast.method.transfer import to_device
+from clim_fast.transfer import to_device
 from shards.errors import UserError
 
 

@@ -29,7 +29,7 @@ from clim_fast import distributed as dist
 from clim_fast.config import CUDA_GRAPH_MODES, MINE_FEATURES
 from clim_fast.method.backbone import build_backbone
 from clim_fast.method.losses import clim_loss
-from clim_fast.method.transfer import to_device
+from clim_fast.transfer import to_device
 
 
 def autocast_dtype(precision: str, device) -> torch.dtype | None:
@@ -47,6 +47,11 @@ def image_dtype(precision: str, device) -> torch.dtype:
     (half the bytes); DALI has no bf16, so bf16 and fp32 runs read fp32 (autocast casts at the
     first convolution)."""
     return torch.float16 if autocast_dtype(precision, device) == torch.float16 else torch.float32
+
+
+def step_generator(seed: int, stream: int = 0) -> torch.Generator:
+    """A random stream of the step (shuffle BN: 0; CLIM's mixing: 1 + rank), from the run's seed."""
+    return torch.Generator().manual_seed(seed * 7919 + stream)
 
 
 class Encoder(nn.Module):
@@ -86,7 +91,7 @@ class MoCo(nn.Module):
         self.register_buffer("queue", F.normalize(torch.randn(cfg.feat_dim, self.K), dim=0))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
         # The shuffle-BN permutation stream is the same on every rank (seeded by cfg.seed only).
-        self.shuffle_generator = torch.Generator().manual_seed(cfg.seed * 7919)
+        self.shuffle_generator = step_generator(cfg.seed)
         self._keys_to_enqueue = None
         self._ema_params = None  # (key params, query params), listed at the first momentum update
         self.uses_cuda_graphs = False  # compile_encoders with a CUDA-graph mode

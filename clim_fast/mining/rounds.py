@@ -6,8 +6,8 @@ j * mine_every (with an `init_table`, that table stands in for j = 0).
 A round: each rank encodes its share of the samples with the momentum encoder (centre crops,
 eval-mode BN), then `sharded.mine_round` (K-means, kNN, selection, table exchange). Rank 0 writes
 RUN/tables/table-epoch-XXXX.npz atomically in a background thread while training goes on;
-`flush()` waits for it (the loop calls it before every checkpoint, which names the table). The
-feature loader is built once and reused by every round of the run.
+`flush()` waits for it and raises on every rank if it failed (the loop calls it after every epoch:
+a checkpoint names the table). The feature loader is built once and reused by every round of the run.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ class OnlineMining:
         table.meta["stats"] = stats
         path = table_path(self.run_dir, epoch)
         if self.rank == 0:
-            self.flush()
+            self._join()  # the last round's table (its error, if any, waits for the collective flush)
             self._saving = threading.Thread(target=self._save, args=(table, path), name="table-save")
             self._saving.start()
             for w in warnings:
@@ -134,17 +134,20 @@ class OnlineMining:
         except BaseException as e:  # noqa: BLE001 - raised by flush() in the training thread
             self._save_error = e
 
-    def flush(self) -> None:
-        """Wait until the last round's table is on disk (rank 0); raise if writing it failed."""
+    def _join(self) -> None:
         if self._saving is not None:
             self._saving.join()
             self._saving = None
-        if self._save_error is not None:
-            error, self._save_error = self._save_error, None
-            raise error
+
+    def flush(self) -> None:
+        """Collective: the last round's table is on disk (rank 0); every rank raises if writing it failed."""
+        self._join()
+        error, self._save_error = self._save_error, None
+        dd.raise_if_any_failed(error, "writing the neighbour table")
 
     def close(self) -> None:
-        self.flush()
+        """Release the feature loader (every rank, also after an error: no collective, nothing raised)."""
+        self._join()
         if self._loader is not None:
             self._loader.close()
             self._loader = None

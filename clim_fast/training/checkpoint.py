@@ -1,9 +1,11 @@
 """Training checkpoints: atomic writes, safe loads (weights_only), and `--resume auto`.
 
 A checkpoint is one dict: `model` (MoCo state_dict: both encoders, queue, queue_ptr), `optimizer`,
-`config` (dict), `epoch` (completed epochs), `step` (steps done in epoch `epoch`, non-zero only
-for a preemption checkpoint), `iteration`, `table_path` (str or ""), `rng` (one entry per rank),
-`dataset_id`, `num_samples`, `world_size`, `format`.
+`scaler` (the fp16 loss scale), `config` (dict), the fields of `training.loop.RunState` (`epoch`:
+completed epochs, `step`: steps done in epoch `epoch`, non-zero only for a preemption checkpoint,
+`iteration`, `table_path`, `loss_sum`, `loss_steps`), `rng` (one entry per rank), `dataset_id`,
+`num_samples`, `world_size`, `format` (written for readers outside this package; loads check the
+keys they need).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 from clim_fast.config import Config
 from clim_fast.method.moco import MoCo
 from shards.errors import UserError
-from shards.atomic import atomic_write_bytes
+from shards.atomic import atomic_write_bytes, check_output_file
 
 CHECKPOINT_FORMAT = 1
 REQUIRED_KEYS = ("model", "config", "epoch")
@@ -229,8 +231,32 @@ def find_resume_checkpoint(run_dir: str | Path, *, allow_broken: bool = False,
 RUN_ENTRIES = ("config.json", "log.jsonl", "checkpoints", "tables", "tensorboard")  # what training writes in RUN
 
 
+def resumed_config(resume, run_dir: str | Path) -> Config | None:
+    """The config a resumed run starts from (explicit options then apply): RUN/config.json, the
+    run's latest; where RUN has none, the checkpoint's own. None where nothing loads (a fresh start,
+    or an error that the resume itself reports)."""
+    saved = Path(run_dir) / "config.json"
+    if saved.is_file():
+        return Config.load(saved)
+    if str(resume) in ("auto", "fresh"):
+        found = find_resume_checkpoint(run_dir, allow_broken=True, warn=lambda message: None)
+    else:
+        found = (Path(resume), load_checkpoint(resume))
+    return None if found is None else config_of(found[1], found[0])
+
+
+def check_result_file(path: str | Path, option: str, *inputs) -> None:
+    """Before a command computes a result file (a table, an exported backbone, a figure): refuse
+    what `shards.atomic.check_output_file` refuses, with `inputs` (e.g. the --checkpoint), and a
+    file in a run's checkpoints/ folder (`--resume auto` reads every .pt there)."""
+    check_output_file(path, option, inputs=inputs)
+    folder = Path(path).parent
+    if folder.name == "checkpoints" and any((folder.parent / entry).exists() for entry in ("config.json", "log.jsonl")):
+        raise UserError(f"{option} {path}: inside the training run's checkpoint folder {folder}; choose another place")
+
+
 def check_fresh_run_folder(run_dir: str | Path) -> None:
-    """A fresh start (no --resume) writes config.json, log.jsonl, checkpoints/ and tables/ into RUN.
+    """A fresh start (no --resume) writes RUN_ENTRIES into RUN.
     Refuse a RUN that already holds any of them (an earlier run: its checkpoints would be overwritten
     and its log mixed with the new one) or a shard folder, before anything is written."""
     run_dir = Path(run_dir)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from clim_fast.method.backbone import STANDARD_WIDTH, uses_cifar_stem
-from clim_fast.training.checkpoint import model_from_checkpoint
+from clim_fast.training.checkpoint import check_result_file, model_from_checkpoint
 from shards.atomic import atomic_write_bytes
 
 
@@ -16,6 +16,7 @@ def export_backbone(checkpoint: str | Path, out: str | Path) -> dict:
     """Write the query encoder's backbone state_dict to `out`. It loads into
     torchvision.models.<arch>(num_classes=...) with strict=False, missing only fc.weight/fc.bias.
     Returns a summary (arch, keys, note on a CIFAR stem)."""
+    check_result_file(out, "--out", checkpoint)
     model, cfg, ckpt = model_from_checkpoint(checkpoint)
     state = {k: v.detach().clone().contiguous() for k, v in model.encoder_q.backbone.state_dict().items()}
     buf = io.BytesIO()

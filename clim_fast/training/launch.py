@@ -35,11 +35,11 @@ def detect_launcher() -> LaunchEnv | None:
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env and "LOCAL_RANK" in env:
         return LaunchEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]),
-                         env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", "29500")))
+                         env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", dist.DEFAULT_PORT)))
     if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
         addr = env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_JOB_NODELIST", ""))
         return LaunchEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", "0")),
-                         addr or "127.0.0.1", int(env.get("MASTER_PORT", "29500")))
+                         addr or "127.0.0.1", int(env.get("MASTER_PORT", dist.DEFAULT_PORT)))
     return None
 
 
@@ -59,7 +59,7 @@ def _first_slurm_host(nodelist: str) -> str:
 class Launch:
     """The job's shape as seen by this process."""
 
-    gpus: int  # GPUs per process group member on this node (0: CPU, gloo)
+    gpus: int  # --gpus: GPUs on this node, one process each (0: CPU processes, gloo)
     local_procs: int  # processes this launch starts here (1 when torchrun / SLURM started us)
     world_size: int
     first_rank: int  # rank of local process 0
@@ -97,7 +97,7 @@ def plan_launch(*, gpus: int, cpu_procs: int, nnodes: int = 1, node_rank: int = 
     else:
         procs = gpus if gpus > 0 else cpu_procs
         launch = Launch(gpus, procs, procs * nnodes, node_rank * procs, master_addr or "127.0.0.1",
-                        master_port or (dist.free_port() if nnodes == 1 else 29500), None, share_gpu)
+                        master_port or (dist.free_port() if nnodes == 1 else dist.DEFAULT_PORT), None, share_gpu)
     if gpus > 0:
         want = 1 if share_gpu else launched.local_rank + 1 if launched else gpus
         if torch.cuda.device_count() < want:

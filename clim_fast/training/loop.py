@@ -1,22 +1,24 @@
 """The pretraining loop, in torchvision's references/classification shape.
 
     run_training(cfg, shards, out, gpus=N)      # checks, then one worker per process
-      train_worker(...)                         # builds model, optimizer, loader; for epoch: ...
+      train_worker(...)                         # build_model, loader, ...; for epoch: table_for_epoch, ...
         train_one_epoch(...)                    # training.step.train_step: model(batch); backward; SGD; enqueue; log
 
 The step itself is `CLIM.forward` (clim_fast/method/clim.py). Mining rounds come from
-clim_fast/mining/rounds.py at the epochs its schedule names. SIGTERM/SIGINT: finish the step,
-save, return (`--resume auto` continues bit for bit).
+clim_fast/mining/rounds.py at the epochs its schedule names. SIGTERM/SIGINT: finish the step (with
+several ranks: the step at which they next agree, within 20), save, return (`--resume auto`
+continues bit for bit).
 """
 
 from __future__ import annotations
 
 import inspect
 import math
+import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, closing, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,7 +35,8 @@ from clim_fast.training.checkpoint import (CheckpointWriter, capture_rng, check_
                                            epoch_checkpoint_name, find_resume_checkpoint, load_checkpoint,
                                            load_model_state, prune_epoch_checkpoints, restore_rng, snapshot)
 from clim_fast.training.launch import Launch, plan_launch, spawn, user_errors_to
-from clim_fast.training.metrics import PendingRecord, RunLog, ThroughputMeter, gpu_memory_gb
+from clim_fast.training.metrics import RunLog, ThroughputMeter, gpu_memory_gb
+from clim_fast.transfer import HostCopy
 from clim_fast.training.step import grad_scaler, train_step
 from dali_pipelines import PretrainLoader
 from dali_pipelines.epochs import check_batch
@@ -58,7 +61,7 @@ class RunState:
     epoch: int = 0  # the epoch to run next (= completed epochs)
     step: int = 0  # steps already done in `epoch` (non-zero only after a preemption)
     iteration: int = 0
-    table_path: str = ""  # the neighbour table in use ("" before the first)
+    table_path: str = ""  # the neighbour table in use ("" before the first): relative to RUN when inside it
     loss_sum: float = 0.0  # over the steps already done in `epoch`, so its record covers all of it
     loss_steps: int = 0
 
@@ -116,9 +119,6 @@ def run_training(cfg: Config, shards, out: str | Path, *, gpus: int = 0, cpu_pro
     launch = plan_launch(gpus=gpus, cpu_procs=cpu_procs, nnodes=nnodes, node_rank=node_rank,
                          master_addr=master_addr, master_port=master_port, share_gpu=share_gpu)
     check_batch(data.num_samples, cfg.batch_size, launch.world_size)
-    if cfg.queue_size % cfg.batch_size:
-        raise UserError(f"--set queue_size={cfg.queue_size}: the queue must be a multiple of the global batch "
-                        f"{cfg.batch_size}")
     if cfg.init_table:
         load_table(cfg.init_table, data)
     if out.exists() and not out.is_dir():
@@ -158,6 +158,8 @@ def resolve_resume(resume, out: Path, cfg: Config, data) -> Path | None:
     differ = [f"{k} ({saved.get(k)!r} vs {getattr(cfg, k)!r})" for k in RESUME_FIXED_FIELDS if saved.get(k) != getattr(cfg, k)]
     if differ:
         raise UserError(f"{path}: checkpoint config differs from this run in {', '.join(differ)}")
+    if ckpt["epoch"] >= cfg.epochs and not last_checkpoint(out).exists():  # before anything is written to RUN
+        raise UserError(f"--epochs {cfg.epochs}: nothing to do, {path} is already at epoch {ckpt['epoch']}")
     print(f"resuming from {path} (epoch {ckpt['epoch']}, step {ckpt.get('step', 0)})", file=sys.stderr)
     return path
 
@@ -167,7 +169,7 @@ def resolve_resume(resume, out: Path, cfg: Config, data) -> Path | None:
 
 def train_worker(local_rank: int, launch: Launch, cfg: Config, data, out: Path, resume_path: Path | None,
                  progress: bool | None, errors) -> Path:
-    with user_errors_to(errors):
+    with user_errors_to(errors), ExitStack() as cleanup:  # whatever was set up is undone, in reverse order
         rank, device = launch.first_rank + local_rank, launch.device(local_rank)
         if launch.local_procs > 1:
             torch.set_num_threads(max(1, torch.get_num_threads() // launch.local_procs))
@@ -178,79 +180,101 @@ def train_worker(local_rank: int, launch: Launch, cfg: Config, data, out: Path, 
             torch.backends.cudnn.benchmark = True
         dist.init_distributed(rank, launch.world_size, backend=launch.backend,
                               master_addr=launch.master_addr, master_port=launch.master_port)
-        try:
-            torch.manual_seed(cfg.seed)  # identical initial weights and queue on every rank
-            model = CLIM(cfg, rank).to(device)
-            if device.type == "cuda" and cfg.channels_last:
-                model.to(memory_format=torch.channels_last)
-            if cfg.compile:
-                model.compile_encoders(mode=cfg.compile_mode)
-            step_fn = model
-            if dist.is_distributed():
-                step_fn = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                              **NO_BUFFER_SYNC)
-            optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                                        momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                                        fused=device.type == "cuda")
-            scaler = grad_scaler(model, device)
-            torch.manual_seed(cfg.seed + rank)
-            state = restore(resume_path, model, optimizer, scaler) if resume_path else RunState()
-            if rank == 0:
-                cfg.save(out / "config.json")
-            log = RunLog(out, enabled=rank == 0, tensorboard=cfg.tensorboard)
-            mining = data.mining(cfg, out, device) if cfg.uses_positives else None
-            loader = data.loader(cfg, rank, dist.get_world_size(), device, lambda e: is_refresh_epoch(cfg, e))
-            stop = StopFlag(device)
-            bar = ProgressBar(cfg.epochs * len(loader), state.iteration) \
-                if rank == 0 and (sys.stderr.isatty() if progress is None else progress) else None
-            last = last_checkpoint(out)
-            writer = CheckpointWriter()
-            saving = dict(out=out, model=model, optimizer=optimizer, scaler=scaler, state=state, cfg=cfg, data=data,
-                          writer=writer, log=log)
-            try:
-                table = None
-                for epoch in range(state.epoch, cfg.epochs):
-                    round_record = None
-                    if is_refresh_epoch(cfg, epoch) and state.step == 0:
-                        table, path, round_record = mining(step_fn, epoch)
-                        state.table_path = str(path)
-                        loader.set_table(table)
-                    elif positives_active(cfg, epoch) and table is None:
-                        path = state.table_path or cfg.init_table
-                        table = load_table(path, data)
-                        state.table_path = str(path)
-                        loader.set_table(table)
-                    loader.set_epoch(epoch, start_step=state.step)
-                    stopped = train_one_epoch(step_fn, model, optimizer, scaler, loader, epoch, state, cfg, log, stop, bar,
-                                              round_record)
-                    if mining is not None:
-                        mining.flush()  # the checkpoint names the table: it must be on disk first
-                    if stopped:
-                        last = save(**saving, epoch_file=False)
-                        finish_writes(writer)
-                        log.write({"kind": "preempted", "epoch": state.epoch, "step": state.step,
-                                   "iteration": state.iteration, "signal": stop.signum, "checkpoint": str(last)})
-                        if rank == 0:
-                            print(f"stopped by signal {stop.signum}: saved {last}; continue with --resume auto",
-                                  file=sys.stderr)
-                        return last
-                    if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
-                        last = save(**saving, epoch_file=True)
+        cleanup.callback(dist.cleanup)
+        model, step_fn, optimizer, scaler = build_model(cfg, rank, device)
+        state = restore(resume_path, model, optimizer, scaler) if resume_path else RunState()
+        if rank == 0:
+            cfg.save(out / "config.json")
+        log = cleanup.enter_context(closing(RunLog(out, enabled=rank == 0, tensorboard=cfg.tensorboard)))
+        mining = cleanup.enter_context(closing(data.mining(cfg, out, device))) if cfg.uses_positives else None
+        loader = cleanup.enter_context(closing(
+            data.loader(cfg, rank, dist.get_world_size(), device, lambda e: is_refresh_epoch(cfg, e))))
+        stop = StopFlag(device)
+        cleanup.callback(stop.restore)
+        bar = None
+        if rank == 0 and (sys.stderr.isatty() if progress is None else progress):
+            bar = ProgressBar(cfg.epochs * len(loader), state.iteration)
+            cleanup.callback(bar.stop)
+        writer = CheckpointWriter()
+        cleanup.callback(writer.wait)  # on an error: finish what was handed over; the error is on its way
+        saving = dict(out=out, model=model, optimizer=optimizer, scaler=scaler, state=state, cfg=cfg, data=data,
+                      writer=writer, log=log)
+        last, table = last_checkpoint(out), None
+        for epoch in range(state.epoch, cfg.epochs):
+            table, round_record = table_for_epoch(cfg, epoch, state, data, mining, step_fn, loader, table, out)
+            loader.set_epoch(epoch, start_step=state.step)
+            stopped = train_one_epoch(step_fn, model, optimizer, scaler, loader, epoch, state, cfg, log, stop, bar,
+                                      round_record)
+            if mining is not None:
+                mining.flush()  # the checkpoint names the table: it must be on disk first
+            if stopped:
+                last = save(**saving, epoch_file=False)
                 finish_writes(writer)
-                if state.epoch >= cfg.epochs and not last.exists() and rank == 0:
-                    raise UserError(f"--epochs {cfg.epochs}: nothing to do, the checkpoint is already at that epoch")
+                log.write({"kind": "preempted", "epoch": state.epoch, "step": state.step,
+                           "iteration": state.iteration, "signal": stop.signum, "checkpoint": str(last)})
+                if rank == 0:
+                    print(f"stopped by signal {stop.signum}: saved {last}; continue with --resume auto",
+                          file=sys.stderr)
                 return last
-            finally:
-                writer.wait()  # an error is on its way already, or finish_writes reported the writes
-                stop.restore()
-                if bar is not None:
-                    bar.stop()
-                log.close()
-                loader.close()
-                if mining is not None:
-                    mining.close()
-        finally:
-            dist.cleanup()
+            if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
+                last = save(**saving, epoch_file=True)
+        finish_writes(writer)
+        return last
+
+
+def build_model(cfg: Config, rank: int, device: torch.device):
+    """(CLIM model, the step function: the model or its DDP wrapper, SGD, loss scaler)."""
+    torch.manual_seed(cfg.seed)  # identical initial weights and queue on every rank
+    model = CLIM(cfg, rank).to(device)
+    if device.type == "cuda" and cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        model.compile_encoders(mode=cfg.compile_mode)
+    step_fn = model
+    if dist.is_distributed():
+        step_fn = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **NO_BUFFER_SYNC)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    scaler = grad_scaler(model, device)
+    torch.manual_seed(cfg.seed + rank)
+    return model, step_fn, optimizer, scaler
+
+
+def table_for_epoch(cfg: Config, epoch: int, state: RunState, data, mining, step_fn, loader, table, out: Path):
+    """(the neighbour table `epoch` trains with, or None; its mining round's log record, or None).
+    A refresh epoch mines a new table (unless resumed mid-epoch: the checkpoint names the table);
+    the first epoch with positives in this process loads the run's table (or the initial one).
+    A new table goes to the loader, which uses it from `set_epoch(epoch)` on."""
+    record = None
+    if is_refresh_epoch(cfg, epoch) and state.step == 0:
+        table, path, record = mining(step_fn, epoch)
+    elif positives_active(cfg, epoch) and table is None:
+        path = run_path(state.table_path, out) if state.table_path else cfg.init_table
+        table = load_table(path, data)
+    else:
+        return table, None
+    state.table_path = stored_path(path, out)
+    loader.set_table(table)
+    return table, record
+
+
+def stored_path(path, out: Path) -> str:
+    """A path as a checkpoint keeps it: relative to RUN when inside it (the run folder may move, or
+    be resumed from another working directory), else absolute."""
+    path = Path(os.path.abspath(path))
+    try:
+        return str(path.relative_to(os.path.abspath(out)))
+    except ValueError:
+        return str(path)
+
+
+def run_path(stored: str, out: Path) -> Path:
+    """The path a checkpoint's `stored_path` names. (Checkpoints before stored_path kept the path as
+    typed, relative to the working directory: used only where RUN has no such file.)"""
+    path = Path(stored)
+    if path.is_absolute() or (out / path).exists() or not path.exists():
+        return out / path
+    return path
 
 
 def train_one_epoch(step_fn, model: CLIM, optimizer, scaler, loader, epoch: int, state: RunState, cfg: Config,
@@ -263,7 +287,8 @@ def train_one_epoch(step_fn, model: CLIM, optimizer, scaler, loader, epoch: int,
     stopped, t_ready, pending = False, time.perf_counter(), None
 
     def write_pending():  # the last step record, its values on the host by now
-        record = pending.done()
+        record, values = pending
+        record = {**record, **values.values()}
         log.write(record)
         if bar is not None:
             bar.describe(f"epoch {epoch} loss {record['loss']:.3f}")
@@ -291,9 +316,9 @@ def train_one_epoch(step_fn, model: CLIM, optimizer, scaler, loader, epoch: int,
                 write_pending()
             names = sorted(terms)
             means = dist.all_reduce_mean(torch.stack([terms[n].float() for n in names]))
-            pending = PendingRecord({"kind": "step", "epoch": epoch, "step": state.step, "iteration": state.iteration,
-                                     "lr": lr, **window.summary(gb), "gpu_mem_gb": gpu_memory_gb(loss.device),
-                                     "time": time.time()}, dict(zip(names, means)))
+            pending = ({"kind": "step", "epoch": epoch, "step": state.step, "iteration": state.iteration, "lr": lr,
+                        **window.summary(gb), "gpu_mem_gb": gpu_memory_gb(loss.device), "time": time.time()},
+                       HostCopy(dict(zip(names, means))))  # written a log interval later: no wait for the GPU
             window.reset()
         if bar is not None:
             bar.update(state.iteration)
@@ -381,7 +406,7 @@ class StopFlag:
     def __init__(self, device: torch.device):
         self.signum, self.device = 0, device
         self._previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        self._sum: PendingRecord | None = None  # the flags summed at the last agreement step
+        self._sum: HostCopy | None = None  # the flags summed at the last agreement step
 
     def _on_signal(self, signum, frame):
         self.signum = signum
@@ -392,9 +417,9 @@ class StopFlag:
             return self.signum != 0
         if iteration % self.EVERY:
             return False
-        decided = self._sum is not None and self._sum.done()["stop"] > 0  # summed EVERY steps ago: long done
+        decided = self._sum is not None and self._sum.values()["stop"] > 0  # summed EVERY steps ago: long done
         total = dist.all_reduce_sum(torch.tensor([float(self.signum != 0)], device=self.device))
-        self._sum = PendingRecord({}, {"stop": total[0]})
+        self._sum = HostCopy({"stop": total[0]})
         return decided
 
     def restore(self) -> None:

@@ -1,5 +1,5 @@
-"""Run logging: log.jsonl (one JSON object per logged step and per epoch), optional TensorBoard,
-and the timers behind anchors/s and the data-wait share."""
+"""Run logging: RUN/log.jsonl (one JSON object a record: `step`, `epoch`, `mine`, `checkpoint`,
+`preempted`), optional TensorBoard, and the timers behind anchors/s and the data-wait share."""
 
 from __future__ import annotations
 
@@ -69,29 +69,6 @@ class ThroughputMeter:
         return {"anchors_per_s": self.steps * global_batch / elapsed,
                 "step_time_s": elapsed / max(self.steps, 1),
                 "data_wait": self.wait / elapsed}
-
-
-class PendingRecord:
-    """A log record whose values are still on the device: they go to pinned host memory without
-    waiting, and `done()` returns the whole record once the copy is done (the loop calls it a log
-    interval later, when it has long finished), so logging never drains the GPU's queue."""
-
-    def __init__(self, record: dict, values: dict[str, torch.Tensor]):
-        self.record, self.names = record, sorted(values)
-        stacked = torch.stack([values[n].detach().float() for n in self.names])
-        self.event = None
-        if stacked.is_cuda:
-            self.host = torch.empty(stacked.shape, pin_memory=True)
-            self.host.copy_(stacked, non_blocking=True)
-            self.event = torch.cuda.Event()
-            self.event.record()
-        else:
-            self.host = stacked
-
-    def done(self) -> dict:
-        if self.event is not None:
-            self.event.synchronize()
-        return {**self.record, **dict(zip(self.names, self.host.tolist()))}
 
 
 def gpu_memory_gb(device: torch.device) -> float:
