@@ -253,7 +253,10 @@ def _class_folders(root: Path, classes: dict[str, int] | None, follow_links: boo
     folders = list(real_folders)
     for name in linked:  # a linked class folder counts when the rule lets the walk follow it
         target = os.path.realpath(root / name)
-        if not os.path.isdir(target):
+        if not os.path.exists(target):
+            scanner.ignored.append({"path": name, "reason": "broken link"})  # as a broken link to a file is
+            continue
+        if not os.path.isdir(target):  # a file beside the class folders: not a class
             continue
         problem = scanner.dir_link_problem(name, target)
         if problem:

@@ -99,6 +99,7 @@ def test_symlinks_inside_a_class_each_real_file_once_never_outside_src(small_src
     (cls / "elsewhere.jpg").symlink_to(outside / "elsewhere.jpg")
     (src / "zz_outside_class").symlink_to(outside)
     (cls / "broken.jpg").symlink_to("missing.jpg")
+    (src / "broken_class").symlink_to(tmp_path / "nowhere")
     summary = write_shards(src, tmp_path / "out", maxcount=16)
     assert summary["num_samples"] == 40 and summary["num_classes"] == 4
     sources = (tmp_path / "out" / "sources.txt").read_text().splitlines()
@@ -107,10 +108,10 @@ def test_symlinks_inside_a_class_each_real_file_once_never_outside_src(small_src
     assert reasons[f"{cls.name}/loop"].startswith("link loop")
     assert reasons[f"{cls.name}/again.jpg"] == f"second path to {cls.name}/{first.name}"
     assert "outside SRC" in reasons[f"{cls.name}/elsewhere.jpg"] and "outside SRC" in reasons["zz_outside_class"]
-    assert reasons[f"{cls.name}/broken.jpg"] == "broken link"
+    assert reasons[f"{cls.name}/broken.jpg"] == reasons["broken_class"] == "broken link"
     # the CLI says so
     code, output = _cli("shard", src, tmp_path / "out2", "--workers", "1", "--maxcount", "16")
-    assert code == 0 and "ignored 5 symbolic link(s)" in output
+    assert code == 0 and "ignored 6 symbolic link(s)" in output
 
 
 def test_a_link_to_a_hidden_folder_inside_src_is_followed(small_src, tmp_path):
