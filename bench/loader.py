@@ -179,7 +179,7 @@ def boundary(ds, *, image_size: int, batch: int, dali_workers: int, dali_threads
         while True:
             start = time.perf_counter()
             try:
-                batch_ = next(it)
+                next(it)
             except StopIteration:
                 break
             sync()

@@ -30,7 +30,6 @@ import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
 
-from clim_fast.mining.kmeans import kmeans_torch  # noqa: E402
 from clim_fast.mining.knn import faiss_gpu_device, knn_naive_torch, knn_search, triton_available  # noqa: E402
 
 SIZES = {"small": [10_000, 20_000], "full": [1_280_000]}

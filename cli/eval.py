@@ -13,6 +13,7 @@ from typing import Optional
 
 import typer
 
+from clim_fast import run_folder
 from clim_fast.machine import resolve_device
 from shards.atomic import atomic_write_text
 from shards.errors import UserError, os_errors_as_user_errors
@@ -55,7 +56,7 @@ def _log(msg: str) -> None:
 def default_out(checkpoint: Path) -> Path:
     """RUN/eval for RUN/checkpoints/x.pt, else an `eval` folder beside the checkpoint."""
     parent = checkpoint.resolve().parent
-    return (parent.parent if parent.name == "checkpoints" else parent) / "eval"
+    return (parent.parent if parent.name == run_folder.CHECKPOINTS else parent) / "eval"
 
 
 def _out_folder(out: Optional[Path], checkpoint: Path) -> Path:

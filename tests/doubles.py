@@ -105,7 +105,7 @@ class _LabelMining:
         import torch.distributed as tdist
 
         from clim_fast import distributed as dist
-        from clim_fast.mining.rounds import table_path
+        from clim_fast.run_folder import table_path
 
         labels = np.arange(self.data.num_samples) % self.data.num_classes
         table = label_table(labels, seed=self.cfg.seed + epoch, dataset_id=self.data.dataset_id)

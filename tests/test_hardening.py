@@ -695,7 +695,7 @@ def test_a_foreign_neighbour_table_is_a_one_line_error(tmp_path, arrays, needle)
     (lambda c: c.clear() or c.update(c_w=torch.zeros(1)), "it holds only weights, like the backbone `clim-fast export`"),
 ], ids=["config-list", "config-type", "config-field", "model-tensor", "epoch-str", "other-arch", "exported"])
 def test_a_checkpoint_with_wrong_entries_is_a_one_line_error_in_eval_and_export(checkpoint, tmp_path, edit, needle):
-    from clim_fast.training.checkpoint import load_checkpoint, save_checkpoint
+    from clim_fast.training.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
     edit(ckpt)

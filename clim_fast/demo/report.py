@@ -142,7 +142,7 @@ def write_report(out: str | Path, summary: dict) -> Path:
         "",
         "## Results",
         "",
-        f"| network | kNN top-1 (%) | kNN top-5 (%) | kNN top-1, k=20 (%) | intra-class sim. | inter-class sim. | "
+        "| network | kNN top-1 (%) | kNN top-5 (%) | kNN top-1, k=20 (%) | intra-class sim. | inter-class sim. | "
         "gap | anchor loss, first epoch | anchor loss, last epoch | train time (s) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -160,7 +160,7 @@ def write_report(out: str | Path, summary: dict) -> Path:
                 f"({_fmt(r.get('first_loss', {}).get('mean'), 3)} -> {_fmt(r.get('final_loss', {}).get('mean'), 3)})")
         if "gain_over_untrained" in summary:
             g = summary["gain_over_untrained"][name]
-            text += (f"; kNN top-1 against the untrained network: " + _verdict(g, " points")
+            text += ("; kNN top-1 against the untrained network: " + _verdict(g, " points")
                      .replace("the difference", "the gain").replace("presets", "trained and untrained networks"))
             g20 = summary.get("gain_over_untrained_k20", {}).get(name)
             if g20:

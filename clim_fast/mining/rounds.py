@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from clim_fast import distributed as dd
+from clim_fast import run_folder
 from clim_fast.data import loader_options
 from clim_fast.features import agree_width, check_coverage, encode_share, momentum_features
 from clim_fast.machine import synchronize
@@ -51,10 +52,6 @@ def feature_batch_size(cfg, num_samples: int, world_size: int) -> int:
     not past the data. Eval-mode features do not depend on the batch; a small one only adds cost
     per batch (the default 512 on 16 GPUs is 32 a rank)."""
     return max(cfg.batch_size, min(FEATURE_BATCH_PER_RANK * world_size, num_samples))
-
-
-def table_path(run_dir: str | Path, epoch: int) -> Path:
-    return Path(run_dir) / "tables" / f"table-epoch-{epoch:04d}.npz"
 
 
 class OnlineMining:
@@ -91,7 +88,7 @@ class OnlineMining:
                           engine=engine, seed=cfg.seed + epoch, world_size=self.world, warnings=warnings)
         stats = table_stats(table, fallback, clusters, all_labels, nearest)
         table.meta["stats"] = stats
-        path = table_path(self.run_dir, epoch)
+        path = run_folder.table_path(self.run_dir, epoch)
         if self.rank == 0:
             self._join()  # the last round's table (its error, if any, waits for the collective flush)
             self._saving = threading.Thread(target=self._save, args=(table, path), name="table-save")

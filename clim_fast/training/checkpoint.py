@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from clim_fast import run_folder
 from clim_fast.config import Config
 from clim_fast.method.moco import MoCo
 from shards.errors import UserError
@@ -188,12 +189,12 @@ def load_model_state(model: torch.nn.Module, state: dict, where) -> None:
 
 def checkpoint_files(run_dir: str | Path) -> list[Path]:
     """The checkpoint files of a run, newest first: last.pt, then epoch-XXXX.pt by epoch, descending."""
-    folder = Path(run_dir) / "checkpoints"
+    folder = run_folder.checkpoint_folder(run_dir)
     if not folder.is_dir():
         return []
     epochs = sorted((p for p in folder.iterdir() if EPOCH_FILE.match(p.name)),
                     key=lambda p: int(EPOCH_FILE.match(p.name).group(1)), reverse=True)
-    return [p for p in (folder / "last.pt", *epochs) if p.exists()]
+    return [p for p in (run_folder.last_checkpoint(run_dir), *epochs) if p.exists()]
 
 
 def find_resume_checkpoint(run_dir: str | Path, *, allow_broken: bool = False,
@@ -228,14 +229,11 @@ def find_resume_checkpoint(run_dir: str | Path, *, allow_broken: bool = False,
                     f"({names}); nothing was overwritten. To start over, move them away or pass --resume fresh")
 
 
-RUN_ENTRIES = ("config.json", "log.jsonl", "checkpoints", "tables", "tensorboard")  # what training writes in RUN
-
-
 def resumed_config(resume, run_dir: str | Path) -> Config | None:
     """The config a resumed run starts from (explicit options then apply): RUN/config.json, the
     run's latest; where RUN has none, the checkpoint's own. None where nothing loads (a fresh start,
     or an error that the resume itself reports)."""
-    saved = Path(run_dir) / "config.json"
+    saved = run_folder.config_path(run_dir)
     if saved.is_file():
         return Config.load(saved)
     if str(resume) in ("auto", "fresh"):
@@ -251,12 +249,12 @@ def check_result_file(path: str | Path, option: str, *inputs) -> None:
     file in a run's checkpoints/ folder (`--resume auto` reads every .pt there)."""
     check_output_file(path, option, inputs=inputs)
     folder = Path(path).parent
-    if folder.name == "checkpoints" and any((folder.parent / entry).exists() for entry in ("config.json", "log.jsonl")):
+    if run_folder.is_checkpoint_folder(folder):
         raise UserError(f"{option} {path}: inside the training run's checkpoint folder {folder}; choose another place")
 
 
 def check_fresh_run_folder(run_dir: str | Path) -> None:
-    """A fresh start (no --resume) writes RUN_ENTRIES into RUN.
+    """A fresh start (no --resume) writes run_folder.ENTRIES into RUN.
     Refuse a RUN that already holds any of them (an earlier run: its checkpoints would be overwritten
     and its log mixed with the new one) or a shard folder, before anything is written."""
     run_dir = Path(run_dir)
@@ -264,7 +262,7 @@ def check_fresh_run_folder(run_dir: str | Path) -> None:
         return
     if (run_dir / "manifest.json").exists():
         raise UserError(f"--out {run_dir}: is a shard folder; choose another folder for the run")
-    found = [name for name in RUN_ENTRIES if (run_dir / name).exists()
+    found = [name for name in run_folder.ENTRIES if (run_dir / name).exists()
              and not ((run_dir / name).is_dir() and not any((run_dir / name).iterdir()))]
     if found:
         raise UserError(f"--out {run_dir}: holds an earlier run ({', '.join(found)}); pass --resume auto to continue "

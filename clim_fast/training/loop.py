@@ -27,6 +27,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from clim_fast import distributed as dist
+from clim_fast import run_folder
+from clim_fast.run_folder import last_checkpoint
 from clim_fast.config import Config
 from clim_fast.data import loader_options
 from clim_fast.method.clim import CLIM
@@ -126,6 +128,8 @@ def run_training(cfg: Config, shards, out: str | Path, *, gpus: int = 0, cpu_pro
     with os_errors_as_user_errors(out):
         out.mkdir(parents=True, exist_ok=True)
     with folder_lock(out, "clim-fast train") if launch.first_rank == 0 else nullcontext():
+        if is_fresh_start(resume) and launch.first_rank == 0:  # again, under the lock: a run may have ended since
+            check_fresh_run_folder(out)
         resume_path = resolve_resume(resume, out, cfg, data)
         if launch.local_procs == 1:
             return train_worker(0, launch, cfg, data, out, resume_path, progress, None)
@@ -184,7 +188,7 @@ def train_worker(local_rank: int, launch: Launch, cfg: Config, data, out: Path, 
         model, step_fn, optimizer, scaler = build_model(cfg, rank, device)
         state = restore(resume_path, model, optimizer, scaler) if resume_path else RunState()
         if rank == 0:
-            cfg.save(out / "config.json")
+            cfg.save(run_folder.config_path(out))
         log = cleanup.enter_context(closing(RunLog(out, enabled=rank == 0, tensorboard=cfg.tensorboard)))
         mining = cleanup.enter_context(closing(data.mining(cfg, out, device))) if cfg.uses_positives else None
         loader = cleanup.enter_context(closing(
@@ -343,10 +347,6 @@ def train_one_epoch(step_fn, model: CLIM, optimizer, scaler, loader, epoch: int,
 
 # ---------------------------------------------------------------------------------------------
 # state, signals, progress
-
-def last_checkpoint(out: Path) -> Path:
-    return out / "checkpoints" / "last.pt"
-
 
 def save(out: Path, model: CLIM, optimizer, scaler, state: RunState, cfg: Config, data, writer: CheckpointWriter,
          log: RunLog, *, epoch_file: bool) -> Path:

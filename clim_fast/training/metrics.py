@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from clim_fast import run_folder
 from shards.errors import UserError
 
 
@@ -17,7 +18,7 @@ class RunLog:
 
     def __init__(self, run_dir: str | Path, *, enabled: bool = True, tensorboard: bool = False):
         self.enabled = enabled
-        self.path = Path(run_dir) / "log.jsonl"
+        self.path = run_folder.log_path(run_dir)
         self._file = open(self.path, "a") if enabled else None
         self._tb = None
         if enabled and tensorboard:
@@ -26,7 +27,7 @@ class RunLog:
             except ImportError:
                 raise UserError("--set tensorboard=true: the tensorboard package is not installed "
                                 "(pip install 'clim-fast[tensorboard]')") from None
-            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            self._tb = SummaryWriter(str(run_folder.tensorboard_folder(run_dir)))
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -79,6 +80,6 @@ def gpu_memory_gb(device: torch.device) -> float:
 
 def read_log(run_dir: str | Path, kind: str | None = None) -> list[dict]:
     """Records of RUN/log.jsonl, optionally only one kind ("step", "epoch", ...)."""
-    path = Path(run_dir) / "log.jsonl"
+    path = run_folder.log_path(run_dir)
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [r for r in records if kind is None or r.get("kind") == kind]

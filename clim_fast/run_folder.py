@@ -1,0 +1,45 @@
+"""The files a training run writes in its folder RUN, named once.
+
+    RUN/config.json                      the resolved config (written at every start)
+    RUN/log.jsonl                        one JSON record a line (training/metrics.py)
+    RUN/checkpoints/last.pt              and epoch-XXXX.pt (training/checkpoint.py)
+    RUN/tables/table-epoch-XXXX.npz      the online mining rounds' neighbour tables
+    RUN/tensorboard/                     with tensorboard=true
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CONFIG, LOG, CHECKPOINTS, TABLES, TENSORBOARD = "config.json", "log.jsonl", "checkpoints", "tables", "tensorboard"
+ENTRIES = (CONFIG, LOG, CHECKPOINTS, TABLES, TENSORBOARD)
+
+
+def config_path(run: str | Path) -> Path:
+    return Path(run) / CONFIG
+
+
+def log_path(run: str | Path) -> Path:
+    return Path(run) / LOG
+
+
+def checkpoint_folder(run: str | Path) -> Path:
+    return Path(run) / CHECKPOINTS
+
+
+def last_checkpoint(run: str | Path) -> Path:
+    return checkpoint_folder(run) / "last.pt"
+
+
+def table_path(run: str | Path, epoch: int) -> Path:
+    return Path(run) / TABLES / f"table-epoch-{epoch:04d}.npz"
+
+
+def tensorboard_folder(run: str | Path) -> Path:
+    return Path(run) / TENSORBOARD
+
+
+def is_checkpoint_folder(folder: str | Path) -> bool:
+    """Whether `folder` is a training run's checkpoints/ (its run beside it)."""
+    folder = Path(folder)
+    return folder.name == CHECKPOINTS and any((folder.parent / name).exists() for name in (CONFIG, LOG))
