@@ -80,7 +80,7 @@ def _feature_kw(image_size, batch_size, device, workers, threads, encoder) -> di
     if encoder not in ("query", "key"):
         raise UserError(f"--encoder {encoder}: choose query or key")
     return dict(image_size=image_size, batch_size=batch_size, device=resolve_device(device), workers=workers,
-                threads=threads, encoder=encoder)
+                threads=threads, encoder=encoder, progress=True)
 
 
 @eval_app.command("knn")

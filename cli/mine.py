@@ -52,7 +52,7 @@ def mine_command(
     check_sizes(dataset.num_samples, clusters, k)
     table, stats = mine_from_model(model, cfg, dataset, device=dev, clusters=clusters, k=k, engine=engine,
                                    batch_size=batch_size, epoch=int(ckpt.get("epoch", 0)),
-                                   checkpoint=str(checkpoint))
+                                   checkpoint=str(checkpoint), progress=True)
     table.save(out)
     typer.echo(f"{format_stats(stats)} -> {out}", err=True)
     typer.echo(json.dumps(dict(command="mine", table=str(out), **stats), sort_keys=True))

@@ -11,11 +11,14 @@ import numpy as np
 import torch
 
 from clim_fast import distributed as dd
+from clim_fast.progress import PassProgress
 
 
 @torch.no_grad()
-def encode_share(encode_fn, loader) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run `encode_fn(images) -> [B, d]` over a FeatureLoader (this rank's share, each sample once).
+def encode_share(encode_fn, loader, progress: PassProgress | None = None) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                   torch.Tensor]:
+    """Run `encode_fn(images) -> [B, d]` over a FeatureLoader (this rank's share, each sample once),
+    advancing `progress` by each batch's samples.
 
     Returns (features float32 [n, d] L2-normalised, on the encoder's device; ids int64 [n];
     labels int64 [n]) for this rank's share. Local only (no collective): a rank with an empty share
@@ -25,6 +28,8 @@ def encode_share(encode_fn, loader) -> tuple[torch.Tensor, torch.Tensor, torch.T
         feats.append(torch.nn.functional.normalize(encode_fn(batch["image"]).float(), dim=1))
         ids.append(batch["id"].reshape(-1).long())
         labels.append(batch["label"].reshape(-1).long())
+        if progress is not None:
+            progress.advance(batch["image"].shape[0])
     if not feats:
         return torch.empty(0, 0), torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64)
     return torch.cat(feats), torch.cat(ids).cpu(), torch.cat(labels).cpu()
@@ -47,10 +52,17 @@ def check_coverage(ids: torch.Tensor, num_samples: int) -> None:
 
 
 @torch.no_grad()
-def extract_features(encode_fn, loader, num_samples: int) -> tuple[torch.Tensor, np.ndarray]:
+def extract_features(encode_fn, loader, num_samples: int, progress: str | None = None) -> tuple[torch.Tensor,
+                                                                                              np.ndarray]:
     """(features float32 [N, d] CPU tensor, L2-normalised, row i = sample id i; labels int64 [N]) on
-    every rank: the ranks' shares are all-gathered and placed by sample id."""
-    feats, ids, labels = encode_share(encode_fn, loader)
+    every rank: the ranks' shares are all-gathered and placed by sample id. `progress`: a
+    description to show rank 0's pass under (clim_fast.progress), or None for none."""
+    shown = PassProgress(progress, -(-num_samples // dd.get_world_size())) if progress and dd.get_rank() == 0 else None
+    try:
+        feats, ids, labels = encode_share(encode_fn, loader, shown)
+    finally:
+        if shown is not None:
+            shown.close()
     feats = agree_width(feats)
     check_coverage(ids, num_samples)
     out_feats, out_labels = dd.gather_by_id(num_samples, ids, feats, labels)

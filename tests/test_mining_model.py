@@ -181,6 +181,7 @@ def test_mine_command_writes_a_matching_table(shard_dir, checkpoint, tmp_path):
     assert table.meta["epoch"] == 3 and table.meta["feature"] == "backbone" and table.meta["checkpoint"] == str(checkpoint)
     assert stats["clusters"] == 6 and stats["k"] == 5 and stats["engine"] == "torch"
     assert table.positives.shape == (48, 5)
+    assert "features: 48/48 (" in result.stderr and "ETA" in result.stderr  # the feature pass's progress line
 
 
 def test_mine_command_takes_clusters_and_k_from_the_checkpoint(shard_dir, checkpoint, tmp_path):

@@ -15,14 +15,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from clim_fast.progress import fmt_seconds
 from clim_fast.training.metrics import read_log
-
-
-def fmt_seconds(s: float | None) -> str:
-    if s is None or s != s or s < 0:
-        return "?"
-    s = int(round(s))
-    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 class Phase:

@@ -215,13 +215,13 @@ def check_feature_options(image_size: int | None, batch_size: int) -> None:
 def checkpoint_features(checkpoint: str | Path, shards_dir: str | Path, cache_dir: str | Path | None, *,
                         image_size: int | None = None, batch_size: int = 256, device=None,
                         workers: int = 2, threads: int = 2, encoder: str = "query",
-                        model=None, log=print) -> tuple[torch.Tensor, np.ndarray]:
+                        model=None, log=print, progress: bool = False) -> tuple[torch.Tensor, np.ndarray]:
     """L2-normalised pooled backbone features of every sample in `shards_dir`, in id order.
 
     `encoder`: "query" (the backbone that linear evaluation and export use) or "key" (the momentum
     encoder). Features are extracted once per (checkpoint content, shards dataset id, image size,
     encoder) and cached under `cache_dir` as float16; fresh results go through the same float16
-    round trip so a cached run reports exactly what the first run did.
+    round trip so a cached run reports exactly what the first run did. `progress`: show the pass.
     """
 
     check_feature_options(image_size, batch_size)
@@ -243,7 +243,8 @@ def checkpoint_features(checkpoint: str | Path, shards_dir: str | Path, cache_di
             return cached
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     feats, labels = extract_backbone_features(model, dataset, image_size=image_size, batch_size=batch_size,
-                                              device=device, workers=workers, threads=threads, encoder=encoder)
+                                              device=device, workers=workers, threads=threads, encoder=encoder,
+                                              progress=f"features of {dataset.root.name}" if progress else None)
     feats = feats.half().float()
     labels = np.asarray(labels, dtype=np.int64)
     if path is not None:
@@ -263,8 +264,10 @@ def eval_backbone(model, encoder: str = "query") -> torch.nn.Module:
 
 @torch.no_grad()
 def extract_backbone_features(model, shards, *, image_size: int, batch_size: int, device,
-                              workers: int = 2, threads: int = 2, encoder: str = "query") -> tuple[torch.Tensor, np.ndarray]:
-    """Pooled backbone features of every sample of `shards` (a ShardDataset or its folder), in id order."""
+                              workers: int = 2, threads: int = 2, encoder: str = "query",
+                              progress: str | None = None) -> tuple[torch.Tensor, np.ndarray]:
+    """Pooled backbone features of every sample of `shards` (a ShardDataset or its folder), in id
+    order; `progress` as in clim_fast.features.extract_features."""
     dataset = shards if isinstance(shards, ShardDataset) else ShardDataset(shards)
     backbone = eval_backbone(model, encoder).to(device)
     was_training = backbone.training
@@ -276,7 +279,7 @@ def extract_backbone_features(model, shards, *, image_size: int, batch_size: int
     loader = FeatureLoader(dataset, batch_size=batch_size, image_size=image_size, device=device,
                            workers=workers, threads=threads)
     try:
-        feats, labels = extract_features(encode, loader, dataset.num_samples)
+        feats, labels = extract_features(encode, loader, dataset.num_samples, progress)
     finally:
         loader.close()
         backbone.train(was_training)

@@ -85,12 +85,13 @@ def mine_table(features, *, clusters: int, k: int, engine: str = "auto", seed: i
 
 
 def mine_from_model(model, cfg, dataset, *, device: torch.device, clusters: int, k: int, engine: str,
-                    batch_size: int, epoch: int, checkpoint: str = ""):
-    """`clim-fast mine`: features of every sample with the momentum encoder, then mine_table."""
+                    batch_size: int, epoch: int, checkpoint: str = "", progress: bool = False):
+    """`clim-fast mine`: features of every sample with the momentum encoder (a progress display
+    with `progress`), then mine_table."""
     loader = FeatureLoader(dataset, batch_size=batch_size, image_size=cfg.image_size, **loader_options(cfg, device))
     try:
         feats, labels = extract_features(momentum_features(model, cfg.mine_feature), loader,
-                                         dataset.num_samples)
+                                         dataset.num_samples, progress="features" if progress else None)
     finally:
         loader.close()
     meta = dict(dataset_id=dataset.dataset_id, epoch=int(epoch), feature=cfg.mine_feature, checkpoint=str(checkpoint),

@@ -23,7 +23,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from clim_fast import distributed as dist
@@ -32,6 +31,7 @@ from clim_fast.run_folder import last_checkpoint
 from clim_fast.config import Config
 from clim_fast.data import loader_options
 from clim_fast.method.clim import CLIM
+from clim_fast.progress import PassProgress
 from clim_fast.mining.rounds import ROUND_PARTS, OnlineMining, is_refresh_epoch, positives_active
 from clim_fast.training.checkpoint import (CheckpointWriter, capture_rng, check_fresh_run_folder,
                                            epoch_checkpoint_name, find_resume_checkpoint, load_checkpoint,
@@ -196,9 +196,9 @@ def train_worker(local_rank: int, launch: Launch, cfg: Config, data, out: Path, 
         stop = StopFlag(device)
         cleanup.callback(stop.restore)
         bar = None
-        if rank == 0 and (sys.stderr.isatty() if progress is None else progress):
-            bar = ProgressBar(cfg.epochs * len(loader), state.iteration)
-            cleanup.callback(bar.stop)
+        if rank == 0 and progress is not False:  # None: a live bar in a terminal, else a line every 30 s
+            bar = cleanup.enter_context(PassProgress("training", cfg.epochs * len(loader), state.iteration,
+                                                     live=progress))
         writer = CheckpointWriter()
         cleanup.callback(writer.wait)  # on an error: finish what was handed over; the error is on its way
         saving = dict(out=out, model=model, optimizer=optimizer, scaler=scaler, state=state, cfg=cfg, data=data,
@@ -325,7 +325,7 @@ def train_one_epoch(step_fn, model: CLIM, optimizer, scaler, loader, epoch: int,
                        HostCopy(dict(zip(names, means))))  # written a log interval later: no wait for the GPU
             window.reset()
         if bar is not None:
-            bar.update(state.iteration)
+            bar.advance_to(state.iteration)
         if stop.agreed(state.iteration):
             stopped = True
             break
@@ -346,7 +346,7 @@ def train_one_epoch(step_fn, model: CLIM, optimizer, scaler, loader, epoch: int,
 
 
 # ---------------------------------------------------------------------------------------------
-# state, signals, progress
+# state and signals
 
 def save(out: Path, model: CLIM, optimizer, scaler, state: RunState, cfg: Config, data, writer: CheckpointWriter,
          log: RunLog, *, epoch_file: bool) -> Path:
@@ -425,20 +425,3 @@ class StopFlag:
     def restore(self) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
-
-
-class ProgressBar:
-    def __init__(self, total: int, done: int):
-        self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                             TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
-        self._task = self._bar.add_task("training", total=total, completed=done)
-        self._bar.start()
-
-    def update(self, completed: int) -> None:
-        self._bar.update(self._task, completed=completed)
-
-    def describe(self, description: str) -> None:
-        self._bar.update(self._task, description=description)
-
-    def stop(self) -> None:
-        self._bar.stop()
