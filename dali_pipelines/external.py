@@ -61,12 +61,18 @@ class ShardReader:
         self._index = index
 
     def jpeg(self, sid: int) -> np.ndarray:
-        """A zero-copy uint8 view of the stored JPEG."""
+        """A zero-copy uint8 view of the stored JPEG; ValueError when its bytes do not start like a
+        JPEG (the shard writer stores nothing else: the data was damaged since). DALI's CPU decoder
+        can crash the process on such bytes (a segfault, seen with all-zero data in batches of 64 and
+        more), so they never reach it; the loader names the sample and `clim-fast verify`."""
         if self._index is None:
             self._open()
         c = self._cols
-        return np.frombuffer(self._maps[int(c["shard"][sid])], dtype=np.uint8, count=int(c["size"][sid]),
+        data = np.frombuffer(self._maps[int(c["shard"][sid])], dtype=np.uint8, count=int(c["size"][sid]),
                              offset=int(c["offset"][sid]))
+        if data[0] != 0xFF or data[1] != 0xD8:
+            raise ValueError(f"sample {sid}: its stored bytes are not a JPEG (damaged data)")
+        return data
 
     def label(self, sid: int) -> int:
         if self._index is None:

@@ -172,3 +172,26 @@ def test_demo_tiny_end_to_end(tmp_path):
         assert [m["epoch"] for m in rounds] == [1] and 0.0 <= rounds[0]["label_purity"] <= 1.0
     assert [m["epoch"] for m in summary["mining"]] == [1]
     assert "| 1 |" in report  # the purity table's row for the round at epoch 1
+
+
+def test_demo_never_clears_a_folder_that_is_not_a_demos(tmp_path):
+    """The demo deletes and rewrites data/, shards/ and runs/ under --out: a folder of other files
+    (here someone's data/) is refused before anything is touched; a file as --out is one line."""
+    from clim_fast.demo.run import DEMO_MARKER, check_demo_folder, run_demo
+    from shards.errors import UserError
+
+    out = tmp_path / "project"
+    (out / "data" / "mine").mkdir(parents=True)
+    (out / "data" / "mine" / "precious.txt").write_text("keep")
+    for fresh in (False, True):
+        with pytest.raises(UserError, match=r"holds files that are not an earlier demo's \(data\)"):
+            run_demo(out, budget="tiny", device="cpu", fresh=fresh)
+    assert (out / "data" / "mine" / "precious.txt").read_text() == "keep"
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UserError, match="exists and is not a folder"):
+        run_demo(tmp_path / "afile", budget="tiny", device="cpu")
+    with pytest.raises(UserError, match="--data bogus: unknown dataset"):
+        run_demo(tmp_path / "new", budget="tiny", device="cpu", data="bogus")
+    assert not (tmp_path / "new").exists()  # refused before the folder was made
+    (out / DEMO_MARKER).touch()  # an earlier demo's folder: the demo may rewrite it
+    check_demo_folder(out)

@@ -871,3 +871,31 @@ def test_train_resume_without_config_json_starts_from_the_checkpoints_config(sha
     assert code == 0, output
     ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
     assert ckpt["epoch"] == 2 and ckpt["config"]["base_lr"] == 0.1 and ckpt["config"]["batch_size"] == 8
+
+
+def test_a_jpeg_zeroed_in_its_shard_is_named_not_a_crash(shard_dir, tmp_path):
+    """Bytes damaged in place (sizes still match) must end in the one-line error naming the sample;
+    all-zero data reaching DALI's CPU decoder in a batch of 64 or more crashed the process (SIGSEGV)."""
+    damaged = tmp_path / "shards"
+    shutil.copytree(shard_dir, damaged)
+    row = ShardDataset(damaged).index[5]
+    tar = damaged / ShardDataset(damaged).manifest["shards"][int(row["shard"])]["name"]
+    with open(tar, "r+b") as f:
+        f.seek(int(row["offset"]))
+        f.write(bytes(int(row["size"])))
+    script = ("import sys, torch\n"
+              "from dali_pipelines import FeatureLoader\n"
+              "from shards import ShardDataset\n"
+              "from shards.errors import UserError\n"
+              "if __name__ == '__main__':\n"
+              "    loader = FeatureLoader(ShardDataset(sys.argv[1]), batch_size=64, image_size=16,\n"
+              "                           device=torch.device('cpu'), workers=0, threads=1)\n"
+              "    try:\n"
+              "        for _ in loader: pass\n"
+              "    except UserError as e:\n"
+              "        print(e)\n"
+              "    loader.close()\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(damaged)], cwd=REPO, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith(f"could not decode sample 5 (in {tar.name})") and "clim-fast verify" in proc.stdout

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from clim_fast.config import make_config
-from clim_fast.demo.digits import default_source, write_demo_folders
+from clim_fast.demo.digits import SOURCES, default_source, write_demo_folders
 from clim_fast.demo.progress import DemoProgress
 from clim_fast.demo.report import plot_bars, plot_training, write_report
 from clim_fast.evaluation.measures import (checkpoint_features, class_similarity, extract_backbone_features,
@@ -164,6 +164,24 @@ def compare(a: list[dict], b: list[dict], metric: str) -> dict:
 # ---------------------------------------------------------------------------------------------
 # the demo
 
+DEMO_MARKER = ".clim-fast-demo"  # in every folder the demo writes: only such a folder is cleared or rewritten
+
+
+def check_demo_folder(out: Path) -> None:
+    """UserError unless `out` is new, empty, or an earlier demo's folder (it holds DEMO_MARKER)."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a folder")
+    if (out / DEMO_MARKER).is_file() or ((out / "summary.json").is_file() and (out / "report.md").is_file()):
+        return  # (the second: a finished demo of a version before the marker)
+    entries = sorted(p.name for p in out.iterdir())
+    if entries:
+        raise UserError(f"--out {out}: holds files that are not an earlier demo's ({', '.join(entries[:3])}"
+                        f"{', ...' if len(entries) > 3 else ''}); the demo rewrites data/, shards/ and runs/ in "
+                        "its folder, so choose a new or empty one")
+
+
 def run_demo(out: str | Path = "demo-out", *, budget: str = "auto", data: str | None = None,
              device: str = "auto", seed: int = 0, seeds: int | None = None, overrides: dict | None = None,
              per_class: int | None = None, knn_k: int | None = None, knn_t: float = 0.07, fresh: bool = False,
@@ -185,10 +203,14 @@ def run_demo(out: str | Path = "demo-out", *, budget: str = "auto", data: str | 
     seed_list = [seed + i for i in range(chosen.seeds)]
     cfgs = {p: train_config(p, chosen, seed, overrides) for p in PRESETS}  # bad --set fails here, early
     base_cfg = cfgs["moco_v2"]
+    if data is not None and data not in SOURCES:
+        raise UserError(f"--data {data}: unknown dataset; choose from {', '.join(SOURCES)}")
     out = Path(out)
+    check_demo_folder(out)  # the demo deletes and rewrites its own subfolders: never a folder of other files
     if fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).touch()
     progress = progress or DemoProgress()
     say = log or progress.log
     try:
