@@ -34,13 +34,24 @@ def _reason(e: OSError) -> str:
     return os_error_message(e).rsplit(": ", 1)[-1]
 
 
+TEMP_NAME_KEPT = 200  # characters of a file's name kept in its temp file's name (".NAME.XXXXXXXX.tmp")
+
+
+def _is_dir(path: Path, option: str) -> bool:
+    """path.is_dir(), with an unusable path (a name over 255 bytes, a link loop) as a UserError."""
+    try:
+        return path.is_dir()
+    except OSError as e:
+        raise FileSystemError(f"{option + ' ' if option else ''}{path}: {_reason(e)}", e.errno) from None
+
+
 def check_output_file(path: str | Path, option: str, *, inputs=()) -> None:
     """Before a long computation whose result goes to `path`: refuse a path that atomic_open could
     not write anyway (a folder in its place, a file where one of its folders should be), one of
     the command's `inputs` (it would be replaced), and a file in a shard folder (which holds only
     the files its manifest lists)."""
     path = Path(path)
-    if path.is_dir():
+    if _is_dir(path, option):
         raise UserError(f"{option} {path}: is a folder, not a file")
     for given in inputs:
         if path.exists() and Path(given).exists() and os.path.samefile(path, given):
@@ -63,11 +74,12 @@ def atomic_open(path: str | Path, mode: str = "wb"):
     written (a folder in its place, a file where a parent folder should be, no permission) is a
     one-line UserError naming `path`, not the temp file."""
     path = Path(path)
-    if path.is_dir():
+    if _is_dir(path, ""):
         raise FileSystemError(f"{path}: is a folder, not a file", errno.EISDIR)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        # the temp name within the 255 bytes a name may have, whatever the length of path.name
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:TEMP_NAME_KEPT]}.", suffix=".tmp", dir=path.parent)
     except FileExistsError:  # mkdir: a file where a parent folder should be
         raise FileSystemError(f"{path}: a part of the path is a file, not a folder", errno.ENOTDIR) from None
     except OSError as e:

@@ -899,3 +899,12 @@ def test_a_jpeg_zeroed_in_its_shard_is_named_not_a_crash(shard_dir, tmp_path):
                           env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith(f"could not decode sample 5 (in {tar.name})") and "clim-fast verify" in proc.stdout
+
+
+def test_long_output_names_are_written_or_refused_in_one_line(checkpoint, tmp_path):
+    fits = tmp_path / ("b" * 246 + ".pth")  # a legal name: its temp file's name must fit as well
+    code, output = _cli("export", "--checkpoint", checkpoint, "--out", fits)
+    assert code == 0 and fits.is_file(), output
+    too_long = tmp_path / ("a" * 300 + ".pth")
+    with pytest.raises(UserError, match=r"^--out .*a{300}\.pth: File name too long$"):
+        _cli("export", "--checkpoint", checkpoint, "--out", too_long)

@@ -425,13 +425,17 @@ def test_training_from_an_offline_table_uses_it_from_epoch_0_and_refuses_a_forei
     assert not (tmp_path / "run2").exists()  # refused before anything was written
 
 
-def test_a_finished_checkpoint_resumed_into_a_new_folder_is_refused_before_anything_is_written(tmp_path):
-    last = run_training(tiny("moco_v2", epochs=1), SyntheticData(32), tmp_path / "a", progress=False)
-    with pytest.raises(UserError, match=r"--epochs 1: nothing to do, .*last.pt is already at epoch 1"):
-        run_training(tiny("moco_v2", epochs=1), SyntheticData(32), tmp_path / "b", resume=last, progress=False)
+def test_a_finished_checkpoint_resumed_into_a_new_folder_is_refused_before_anything_is_written(tmp_path, capsys):
+    last = run_training(tiny("moco_v2", epochs=2), SyntheticData(32), tmp_path / "a", progress=False)
+    with pytest.raises(UserError, match=r"--epochs 2: nothing to do, .*last.pt is already at epoch 2"):
+        run_training(tiny("moco_v2", epochs=2), SyntheticData(32), tmp_path / "b", resume=last, progress=False)
     assert list((tmp_path / "b").iterdir()) == []  # no config.json or log.jsonl: `b` still takes a fresh run
-    again = run_training(tiny("moco_v2", epochs=1), SyntheticData(32), tmp_path / "a", resume="auto", progress=False)
-    assert again == last  # the run's own folder: done already, quietly
+    saved = (tmp_path / "a" / "config.json").read_text()
+    for epochs in (2, 1):  # the run's own folder (a requeued job): nothing to do, and nothing rewritten
+        again = run_training(tiny("moco_v2", epochs=epochs), SyntheticData(32), tmp_path / "a", resume="auto",
+                             progress=False)
+        assert again == last and (tmp_path / "a" / "config.json").read_text() == saved
+        assert f"--epochs {epochs}: nothing to do, {last} is at epoch 2" in capsys.readouterr().err
 
 
 class _UnmeasurableLoader(SyntheticPretrainLoader):

@@ -130,7 +130,10 @@ def run_training(cfg: Config, shards, out: str | Path, *, gpus: int = 0, cpu_pro
     with folder_lock(out, "clim-fast train") if launch.first_rank == 0 else nullcontext():
         if is_fresh_start(resume) and launch.first_rank == 0:  # again, under the lock: a run may have ended since
             check_fresh_run_folder(out)
-        resume_path = resolve_resume(resume, out, cfg, data)
+        resume_path, done_epochs = resolve_resume(resume, out, cfg, data)
+        if done_epochs >= cfg.epochs:  # resumed a finished run (a requeued job): leave RUN as it is
+            print(f"--epochs {cfg.epochs}: nothing to do, {resume_path} is at epoch {done_epochs}", file=sys.stderr)
+            return last_checkpoint(out)
         if launch.local_procs == 1:
             return train_worker(0, launch, cfg, data, out, resume_path, progress, None)
         spawn(launch, train_worker, launch, cfg, data, out, resume_path, progress)
@@ -142,15 +145,16 @@ def is_fresh_start(resume) -> bool:
     return resume is None or str(resume) == ""
 
 
-def resolve_resume(resume, out: Path, cfg: Config, data) -> Path | None:
-    """None (fresh start) or a checkpoint path that matches this run; UserError otherwise."""
+def resolve_resume(resume, out: Path, cfg: Config, data) -> tuple[Path | None, int]:
+    """(None, 0) for a fresh start, or (a checkpoint that matches this run, its completed epochs);
+    UserError otherwise, and for a finished checkpoint resumed into another folder than its own."""
     if is_fresh_start(resume):
-        return None
+        return None, 0
     if str(resume) in ("auto", "fresh"):
         found = find_resume_checkpoint(out, allow_broken=str(resume) == "fresh")
         if found is None:
             print(f"--resume {resume}: no checkpoint in {out}, starting fresh", file=sys.stderr)
-            return None
+            return None, 0
         path, ckpt = found
     else:
         path = Path(resume)
@@ -164,8 +168,9 @@ def resolve_resume(resume, out: Path, cfg: Config, data) -> Path | None:
         raise UserError(f"{path}: checkpoint config differs from this run in {', '.join(differ)}")
     if ckpt["epoch"] >= cfg.epochs and not last_checkpoint(out).exists():  # before anything is written to RUN
         raise UserError(f"--epochs {cfg.epochs}: nothing to do, {path} is already at epoch {ckpt['epoch']}")
-    print(f"resuming from {path} (epoch {ckpt['epoch']}, step {ckpt.get('step', 0)})", file=sys.stderr)
-    return path
+    if ckpt["epoch"] < cfg.epochs:
+        print(f"resuming from {path} (epoch {ckpt['epoch']}, step {ckpt.get('step', 0)})", file=sys.stderr)
+    return path, int(ckpt["epoch"])
 
 
 # ---------------------------------------------------------------------------------------------
