@@ -34,6 +34,7 @@ from dali_pipelines.augment import RngBank, ViewSpec, center_crop_roi, draw_view
 from dali_pipelines.epochs import PAD_ID, epoch_share, steps_per_epoch
 from shards.dataset import TarMaps
 from shards.format import SAMPLES
+from shards.processes import exit_with_parent
 
 ANCHOR_STREAM, POSITIVE_STREAM = 0, 1
 POLL_S = 0.005
@@ -52,7 +53,14 @@ class ShardReader:
         state = self.__dict__.copy()
         state["_index"] = None
         state.pop("_cols", None)
+        state["_pickled_by"] = os.getpid()
         return state
+
+    def __setstate__(self, state):
+        parent = state.pop("_pickled_by", None)
+        self.__dict__.update(state)
+        if parent is not None and parent != os.getpid():  # in a DALI worker: never outlive the loader's process
+            exit_with_parent(parent)
 
     def _open(self):
         index = np.load(self.samples_path, mmap_mode="r", allow_pickle=False)

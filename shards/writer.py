@@ -25,6 +25,7 @@ import numpy as np
 
 from shards.errors import UserError, os_errors_as_user_errors
 from shards.lock import folder_lock
+from shards.processes import exit_with_parent
 from shards.atomic import atomic_write_bytes, atomic_write_text
 from shards.dali_index import index_line, index_text
 from shards.dataset import ShardDataset
@@ -270,34 +271,13 @@ def _pool_context():
     return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
 
 
-_PR_SET_PDEATHSIG = 1
-
-
 def _worker_init(parent_pid: int) -> None:
     """Pool worker set-up: die with the parent (even on kill -9), leave SIGINT/SIGTERM to it."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent cleans up
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    set_parent_death_signal(signal.SIGKILL)
-    if os.getppid() != parent_pid:  # the parent died before the line above took effect
-        os._exit(1)
-
-
-def set_parent_death_signal(sig: int) -> bool:
-    """Linux: have the kernel send `sig` to this process when its parent exits (PR_SET_PDEATHSIG).
-    False where unsupported."""
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False
+    exit_with_parent(parent_pid)
 
 
 def _kill_workers(pool: ProcessPoolExecutor) -> None:

@@ -908,3 +908,34 @@ def test_long_output_names_are_written_or_refused_in_one_line(checkpoint, tmp_pa
     too_long = tmp_path / ("a" * 300 + ".pth")
     with pytest.raises(UserError, match=r"^--out .*a{300}\.pth: File name too long$"):
         _cli("export", "--checkpoint", checkpoint, "--out", too_long)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_dali_source_workers_die_with_a_killed_loader_process(shard_dir):
+    script = ("import sys, time, torch\n"
+              "from dali_pipelines import FeatureLoader\n"
+              "from shards import ShardDataset\n"
+              "if __name__ == '__main__':\n"
+              "    loader = FeatureLoader(ShardDataset(sys.argv[1]), batch_size=8, image_size=16,\n"
+              "                           device=torch.device('cpu'), workers=2, threads=1)\n"
+              "    next(iter(loader))\n"
+              "    print('ready', flush=True)\n"
+              "    time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(shard_dir)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    children: list[int] = []
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        children = _children(proc.pid)
+        workers = [c for c in children if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()]
+        assert len(workers) == 2
+        proc.kill()  # kill -9: nothing of ours runs in that process any more
+        proc.wait()
+        _wait_for(lambda: not any(_alive(c) for c in children), what="the workers to exit")  # stayed for minutes
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for c in children:
+            if _alive(c):
+                os.kill(c, signal.SIGKILL)
