@@ -5,6 +5,8 @@
     RUN/checkpoints/last.pt              and epoch-XXXX.pt (training/checkpoint.py)
     RUN/tables/table-epoch-XXXX.npz      the online mining rounds' neighbour tables
     RUN/tensorboard/                     with tensorboard=true
+
+log.jsonl's records: `start` (each process start), `step`, `epoch`, `mine`, `checkpoint`, `preempted`.
 """
 
 from __future__ import annotations
@@ -43,3 +45,16 @@ def is_checkpoint_folder(folder: str | Path) -> bool:
     """Whether `folder` is a training run's checkpoints/ (its run beside it)."""
     folder = Path(folder)
     return folder.name == CHECKPOINTS and any((folder.parent / name).exists() for name in (CONFIG, LOG))
+
+
+def remove_temp_files(run: str | Path) -> list[Path]:
+    """Remove the temp files of atomic writes that never finished (`.NAME.XXXX.tmp` in checkpoints/
+    and tables/: a process killed mid-write leaves them, up to a checkpoint's size). Only while the
+    run folder is locked: no other process writes there."""
+    removed = []
+    for folder in (Path(run) / CHECKPOINTS, Path(run) / TABLES):
+        if folder.is_dir():
+            for path in folder.glob(".*.tmp"):
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed

@@ -502,3 +502,16 @@ def test_a_run_folder_resumes_after_a_move_and_from_another_directory_on_its_own
     with pytest.raises(UserError, match=r"copy/tables/table-epoch-0000\.npz"):  # its own table, not the original's
         run_training(tiny(epochs=3, clim_start_epoch=0, mine_every=5), SyntheticData(32), tmp_path / "copy",
                      resume="auto", progress=False)
+
+
+def test_each_start_is_logged_and_temp_files_of_cut_writes_are_removed(tmp_path):
+    run = tmp_path / "run"
+    run_training(tiny("moco_v2", epochs=1), SyntheticData(32), run, progress=False)
+    cut = run / "checkpoints" / ".epoch-0002.pt.k3j9x_2a.tmp"  # a write a kill -9 cut short
+    cut.write_bytes(b"half a checkpoint")
+    kept = run / "checkpoints" / "notes.txt"
+    kept.write_text("mine")
+    run_training(tiny("moco_v2", epochs=2), SyntheticData(32), run, resume="auto", progress=False)
+    assert not cut.exists() and kept.read_text() == "mine"
+    starts = read_log(run, "start")
+    assert [(s["epoch"], s["resumed_from"]) for s in starts] == [(0, None), (1, str(run / "checkpoints" / "last.pt"))]

@@ -194,7 +194,13 @@ def train_worker(local_rank: int, launch: Launch, cfg: Config, data, out: Path, 
         state = restore(resume_path, model, optimizer, scaler) if resume_path else RunState()
         if rank == 0:
             cfg.save(run_folder.config_path(out))
+            run_folder.remove_temp_files(out)  # of writes a kill -9 cut short (they never replaced a file)
         log = cleanup.enter_context(closing(RunLog(out, enabled=rank == 0, tensorboard=cfg.tensorboard)))
+        # where this process starts: a log holding several starts (a resume, a fresh start after a
+        # run killed before its first checkpoint) reads as the runs it holds
+        log.write({"kind": "start", "epoch": state.epoch, "step": state.step, "iteration": state.iteration,
+                   "resumed_from": str(resume_path) if resume_path else None,
+                   "world_size": dist.get_world_size(), "time": time.time()})
         mining = cleanup.enter_context(closing(data.mining(cfg, out, device))) if cfg.uses_positives else None
         loader = cleanup.enter_context(closing(
             data.loader(cfg, rank, dist.get_world_size(), device, lambda e: is_refresh_epoch(cfg, e))))

@@ -1,5 +1,5 @@
-"""Run logging: RUN/log.jsonl (one JSON object a record: `step`, `epoch`, `mine`, `checkpoint`,
-`preempted`), optional TensorBoard, and the timers behind anchors/s and the data-wait share."""
+"""Run logging: RUN/log.jsonl (one JSON object a record: `start`, `step`, `epoch`, `mine`,
+`checkpoint`, `preempted`), optional TensorBoard, and the timers behind anchors/s and the data-wait share."""
 
 from __future__ import annotations
 
