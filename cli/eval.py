@@ -96,8 +96,12 @@ def knn_command(checkpoint: Path = CHECKPOINT, shards: Path = SHARDS, val_shards
     """Weighted kNN (InstDisc/MoCo style) top-1/top-5 on frozen L2-normalised backbone features."""
     from clim_fast.evaluation.measures import knn_eval
 
-    if k <= 0 or not 0 < temperature < float("inf") or holdout_every < 2:  # (a NaN temperature fails too)
-        raise UserError("--k and --temperature must be positive (and finite) and --holdout-every at least 2")
+    if k <= 0:
+        raise UserError(f"--k {k}: must be positive")
+    if not 0 < temperature < float("inf"):  # (a NaN temperature fails too)
+        raise UserError(f"--temperature {temperature}: must be positive and finite")
+    if holdout_every < 2:
+        raise UserError(f"--holdout-every {holdout_every}: must be at least 2")
     out = _out_folder(out, checkpoint)
     metrics = knn_eval(checkpoint, shards, val_shards, out, k=k, t=temperature, holdout_every=holdout_every,
                        log=_log, **_feature_kw(image_size, batch_size, device, workers, threads, encoder))

@@ -27,7 +27,8 @@ def load_manifest(root: str | Path) -> dict:
     root = Path(root)
     path = root / MANIFEST
     if not root.is_dir():
-        raise UserError(f"{root}: no such shard folder")
+        raise UserError(f"{root}: not a folder; a shard folder is the one that holds {MANIFEST}" if root.exists()
+                        else f"{root}: no such shard folder")
     if not path.is_file():
         raise UserError(f"{root}: not a complete shard folder (no {MANIFEST}; "
                         "an interrupted `clim-fast shard` finishes with --resume)")

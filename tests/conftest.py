@@ -33,3 +33,14 @@ def shard_dir(photo_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("shards")
     write_shards(photo_folder, out, maxcount=16, workers=1, seed=0)
     return out
+
+
+@pytest.fixture(scope="session")
+def val_shard_dir(tmp_path_factory):
+    """Other photos of shard_dir's 4 classes, as validation shards: 16 samples."""
+    from shards import write_shards
+
+    src = make_photo_folder(tmp_path_factory.mktemp("val-photos"), classes=4, per_class=4, seed=7)
+    out = tmp_path_factory.mktemp("val-shards")
+    write_shards(src, out, maxcount=16, workers=1, seed=0)
+    return out

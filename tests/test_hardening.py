@@ -730,13 +730,16 @@ def test_a_fresh_train_never_overwrites_an_earlier_run_or_a_shard_folder(shard_d
     (["knn", "--image-size", "-5"], "--image-size -5: must be positive"),  # ran, with a meaningless result
     (["similarity", "--image-size", "0"], "--image-size 0: must be positive"),  # fell back silently
     (["knn", "--batch-size", "0"], "--batch-size 0: must be positive"),
-    (["knn", "--temperature", "nan"], "--temperature must be positive (and finite)"),
+    (["knn", "--temperature", "nan"], "--temperature nan: must be positive and finite"),
+    (["knn", "--k", "0"], "--k 0: must be positive"),  # named --k, --temperature and --holdout-every at once
+    (["knn", "--val-shards", "SHARDS"], "the same images as --shards"),  # each query found itself: 94% top-1
     (["linear", "--lr", "-1"], "--lr -1.0: must be positive"),  # a torch ValueError traceback
     (["linear", "--epochs", "10", "--milestones", "60,80"], "--milestones 60,80: epochs where the lr drops must lie "
                                                            "in 1..10"),
-], ids=["img-neg", "img-0", "batch-0", "temp-nan", "lr-neg", "milestones"])
+], ids=["img-neg", "img-0", "batch-0", "temp-nan", "k-0", "val-is-train", "lr-neg", "milestones"])
 def test_eval_options_out_of_range_are_refused_before_any_work(checkpoint, shard_dir, tmp_path, args, needle):
     command, *options = args
+    options = [shard_dir if o == "SHARDS" else o for o in options]
     val = ["--val-shards", shard_dir] if command == "linear" else []
     with pytest.raises(UserError) as err:
         _cli("eval", command, "--checkpoint", checkpoint, "--shards", shard_dir, *val, "--out", tmp_path, "--device",
@@ -939,3 +942,13 @@ def test_dali_source_workers_die_with_a_killed_loader_process(shard_dir):
         for c in children:
             if _alive(c):
                 os.kill(c, signal.SIGKILL)
+
+
+def test_python_m_cli_works_from_a_folder_holding_a_shards_folder(tmp_path):
+    """The README's layout puts shards/ in the working directory; `python -m cli` put that folder
+    ahead of the installed package (ImportError: cannot import name ... from 'shards')."""
+    (tmp_path / "shards" / "train").mkdir(parents=True)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-m", "cli", "verify", "shards/train"], cwd=tmp_path, capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error: shards/train: not a complete shard folder")

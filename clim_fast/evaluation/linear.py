@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from clim_fast.evaluation.measures import check_feature_options, check_same_classes, eval_backbone
+from clim_fast.evaluation.measures import check_feature_options, check_held_out, eval_backbone
 from clim_fast.training.checkpoint import model_from_checkpoint
 from dali_pipelines import FeatureLoader, LinearTrainLoader
 from shards import ShardDataset
@@ -137,7 +137,7 @@ def linear_eval_checkpoint(checkpoint, shards_dir, val_shards_dir, *, image_size
     check_feature_options(image_size, batch_size)
     check_linear_options(epochs, lr, momentum, weight_decay, milestones)
     train_set, val_set = ShardDataset(shards_dir), ShardDataset(val_shards_dir)
-    check_same_classes(train_set, val_set, shards_dir, val_shards_dir)
+    check_held_out(train_set, val_set, shards_dir, val_shards_dir)
 
     model, cfg, _ = model_from_checkpoint(checkpoint, map_location="cpu")
     image_size = image_size or cfg.image_size

@@ -318,6 +318,16 @@ def check_same_classes(train, val, train_dir=None, val_dir=None) -> None:
                     f"validation images with `--classes {train_dir}`")
 
 
+def check_held_out(train: ShardDataset, val: ShardDataset, train_dir, val_dir) -> None:
+    """kNN and linear evaluation: --val-shards must be other images than --shards (the same set
+    would score each query against itself), with the same class mapping."""
+    if train.dataset_id == val.dataset_id:
+        raise UserError(f"--val-shards {val_dir}: the same images as --shards {train_dir} (dataset "
+                        f"{train.dataset_id}); every query would find itself. Leave out --val-shards to hold "
+                        "out part of --shards, or shard the validation images")
+    check_same_classes(train, val, train_dir, val_dir)
+
+
 def knn_eval(checkpoint, shards_dir, val_shards_dir=None, cache_dir=None, *, k: int = 200, t: float = 0.07,
              holdout_every: int = 10, log=print, **feature_kw) -> dict:
     """kNN top-1/top-5 of a checkpoint: the training shards are the memory bank, --val-shards the
@@ -326,7 +336,7 @@ def knn_eval(checkpoint, shards_dir, val_shards_dir=None, cache_dir=None, *, k: 
 
     train_set = ShardDataset(shards_dir)
     if val_shards_dir:  # before any feature pass: a mismatch is refused at once
-        check_same_classes(train_set, ShardDataset(val_shards_dir), shards_dir, val_shards_dir)
+        check_held_out(train_set, ShardDataset(val_shards_dir), shards_dir, val_shards_dir)
     feats, labels = checkpoint_features(checkpoint, shards_dir, cache_dir, log=log, **feature_kw)
     if val_shards_dir:
         test_feats, test_labels = checkpoint_features(checkpoint, val_shards_dir, cache_dir, log=log, **feature_kw)
@@ -337,6 +347,9 @@ def knn_eval(checkpoint, shards_dir, val_shards_dir=None, cache_dir=None, *, k: 
             raise UserError(f"{shards_dir}: too few samples ({train_set.num_samples}) for a held-out split")
         feats, labels, test_feats, test_labels = feats[train_ids], labels[train_ids], feats[test_ids], labels[test_ids]
         split = f"held-out 1/{holdout_every} of --shards"
+    if k > len(labels):
+        log(f"knn: --k {k} is more than the {len(labels)} samples of the memory bank; using k={len(labels)}")
+        k = len(labels)
     metrics = knn_classify(feats, labels, test_feats, test_labels, k=k, t=t, num_classes=train_set.num_classes)
     return dict(metrics, k=k, t=t, train_samples=int(len(labels)), test_samples=int(len(test_labels)), split=split)
 
