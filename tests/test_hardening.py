@@ -332,6 +332,16 @@ def _alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+def _kill_all(proc: subprocess.Popen, pids: list[int]) -> None:
+    """A test's clean-up: the process and whatever of `pids` is still alive."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    for pid in pids:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_pool_workers_die_with_the_shard_process(small_src, tmp_path, sig):
@@ -349,12 +359,7 @@ def test_pool_workers_die_with_the_shard_process(small_src, tmp_path, sig):
         _, stderr = proc.communicate(timeout=120)
         _wait_for(lambda: not any(_alive(w) for w in workers), what="the workers to exit")
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for w in workers:
-            if _alive(w):
-                os.kill(w, signal.SIGKILL)
+        _kill_all(proc, workers)
     if sig == signal.SIGTERM:
         assert proc.returncode == 143 and "--resume" in stderr
     summary = write_shards(small_src, out, maxcount=4, seed=0, resume=True)  # nothing written is lost
@@ -936,12 +941,7 @@ def test_dali_source_workers_die_with_a_killed_loader_process(shard_dir):
         proc.wait()
         _wait_for(lambda: not any(_alive(c) for c in children), what="the workers to exit")  # stayed for minutes
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for c in children:
-            if _alive(c):
-                os.kill(c, signal.SIGKILL)
+        _kill_all(proc, children)
 
 
 def test_python_m_cli_works_from_a_folder_holding_a_shards_folder(tmp_path):
