@@ -279,6 +279,8 @@ def train_summary(run: Path, phases: dict) -> dict:
         # what a checkpoint costs the loop (the snapshot; the write runs in the background)
         "checkpoints": [{k: c.get(k) for k in ("epoch", "step", "blocking_s")}
                         for c in records if c.get("kind") == "checkpoint"],
+        "checkpoints_written": [{k: c.get(k) for k in ("epoch", "step", "write_s")}
+                                for c in records if c.get("kind") == "checkpoint_written"],
         "resumed_where_it_stopped": resumed_ok,
         "steps_after_resume": len(after),
         "per_epoch": [{"epoch": r["epoch"], **{k: r.get(k) for k in keep}} for r in epochs],

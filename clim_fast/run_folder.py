@@ -6,7 +6,8 @@
     RUN/tables/table-epoch-XXXX.npz      the online mining rounds' neighbour tables
     RUN/tensorboard/                     with tensorboard=true
 
-log.jsonl's records: `start` (each process start), `step`, `epoch`, `mine`, `checkpoint`, `preempted`.
+log.jsonl's records: `start` (each process start), `step`, `epoch`, `mine`, `checkpoint` (a snapshot
+taken), `checkpoint_written` (on disk), `preempted`.
 """
 
 from __future__ import annotations

@@ -304,6 +304,9 @@ def test_each_checkpoint_logs_what_it_cost_the_loop(tmp_path):
     run_training(tiny("moco_v2", epochs=3, checkpoint_every=1), SyntheticData(32), run, progress=False)
     records = read_log(run, "checkpoint")
     assert [r["epoch"] for r in records] == [1, 2, 3] and all(r["blocking_s"] >= 0 for r in records)
+    written = read_log(run, "checkpoint_written")  # once on disk: a log never names a file a kill cut short
+    assert [(r["epoch"], r["path"]) for r in written] == [(r["epoch"], r["path"]) for r in records]
+    assert all(r["write_s"] > 0 for r in written)
     # keep_checkpoints 2: the oldest epoch file goes once the newest is written
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch-0002.pt", "epoch-0003.pt", "last.pt"]
     assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 3

@@ -361,8 +361,9 @@ def train_one_epoch(step_fn, model: CLIM, optimizer, scaler, loader, epoch: int,
 
 def save(out: Path, model: CLIM, optimizer, scaler, state: RunState, cfg: Config, data, writer: CheckpointWriter,
          log: RunLog, *, epoch_file: bool) -> Path:
-    """Checkpoint the run (rank 0): a snapshot now, written in the background by `writer`; the
-    loop's wait (`blocking_s` in the log's checkpoint record) is the snapshot's."""
+    """Checkpoint the run (rank 0): a snapshot now, written in the background by `writer`. The log's
+    `checkpoint` record has the loop's wait for the snapshot (`blocking_s`); a `checkpoint_written`
+    record follows once the file is on disk (`write_s`), so a log never claims a file a kill cut short."""
     rngs = dist.all_gather_object(capture_rng(model.generators()))
     last = last_checkpoint(out)
     folder = last.parent
@@ -373,10 +374,16 @@ def save(out: Path, model: CLIM, optimizer, scaler, state: RunState, cfg: Config
                          "dataset_id": data.dataset_id, "num_samples": data.num_samples,
                          "world_size": dist.get_world_size()})
         paths = [folder / epoch_checkpoint_name(state.epoch), last] if epoch_file else [last]
-        failed = writer.write(ckpt, *paths, then=(lambda: prune_epoch_checkpoints(folder, cfg.keep_checkpoints))
-                              if epoch_file else None)
-        log.write({"kind": "checkpoint", "epoch": state.epoch, "step": state.step, "path": str(paths[0]),
-                   "blocking_s": time.perf_counter() - t0})
+        record = {"epoch": state.epoch, "step": state.step, "path": str(paths[0])}
+        written_at = time.perf_counter()
+
+        def written():  # in the writer's thread, once every path is on disk
+            log.write({"kind": "checkpoint_written", **record, "write_s": time.perf_counter() - written_at})
+            if epoch_file:
+                prune_epoch_checkpoints(folder, cfg.keep_checkpoints)
+
+        failed = writer.write(ckpt, *paths, then=written)
+        log.write({"kind": "checkpoint", **record, "blocking_s": written_at - t0})
     else:
         failed = None
     dist.raise_if_any_failed(failed, "writing the previous checkpoint")  # every rank stops together

@@ -1,9 +1,10 @@
 """Run logging: RUN/log.jsonl (one JSON object a record: `start`, `step`, `epoch`, `mine`,
-`checkpoint`, `preempted`), optional TensorBoard, and the timers behind anchors/s and the data-wait share."""
+`checkpoint`, `checkpoint_written`, `preempted`), optional TensorBoard, and the timers behind anchors/s and the data-wait share."""
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -14,10 +15,12 @@ from shards.errors import UserError
 
 
 class RunLog:
-    """Appends records to RUN/log.jsonl on rank 0; other ranks get a no-op instance."""
+    """Appends records to RUN/log.jsonl on rank 0; other ranks get a no-op instance. Thread-safe
+    (the checkpoint writer's thread logs its writes)."""
 
     def __init__(self, run_dir: str | Path, *, enabled: bool = True, tensorboard: bool = False):
         self.enabled = enabled
+        self._lock = threading.Lock()
         self.path = run_folder.log_path(run_dir)
         self._file = open(self.path, "a") if enabled else None
         self._tb = None
@@ -32,20 +35,23 @@ class RunLog:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        self._file.write(json.dumps(record, sort_keys=True) + "\n")
-        self._file.flush()
-        if self._tb is not None:
-            step = record.get("iteration", record.get("epoch", 0))
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key not in ("iteration", "epoch", "step"):
-                    self._tb.add_scalar(f"{record.get('kind', 'step')}/{key}", value, step)
+        with self._lock:
+            self._file.write(json.dumps(record, sort_keys=True) + "\n")
+            self._file.flush()
+            if self._tb is not None:
+                step = record.get("iteration", record.get("epoch", 0))
+                for key, value in record.items():
+                    if isinstance(value, (int, float)) and key not in ("iteration", "epoch", "step"):
+                        self._tb.add_scalar(f"{record.get('kind', 'step')}/{key}", value, step)
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        if self._tb is not None:
-            self._tb.close()
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+            if self._tb is not None:
+                self._tb.close()
+                self._tb = None
 
 
 class ThroughputMeter:
