@@ -49,13 +49,13 @@ def is_checkpoint_folder(folder: str | Path) -> bool:
 
 
 def remove_temp_files(run: str | Path) -> list[Path]:
-    """Remove the temp files of atomic writes that never finished (`.NAME.XXXX.tmp` in checkpoints/
-    and tables/: a process killed mid-write leaves them, up to a checkpoint's size). Only while the
-    run folder is locked: no other process writes there."""
+    """Remove the temp files of the run's own atomic writes that never finished (`.NAME.XXXX.tmp`
+    of a checkpoint or a table: a process killed mid-write leaves them, up to a checkpoint's size).
+    Only while the run folder is locked; other commands' temp files there are left alone."""
     removed = []
-    for folder in (Path(run) / CHECKPOINTS, Path(run) / TABLES):
-        if folder.is_dir():
-            for path in folder.glob(".*.tmp"):
-                path.unlink(missing_ok=True)
-                removed.append(path)
+    for pattern in (f"{CHECKPOINTS}/.last.pt.*.tmp", f"{CHECKPOINTS}/.epoch-*.pt.*.tmp",
+                    f"{TABLES}/.table-epoch-*.npz.*.tmp"):
+        for path in Path(run).glob(pattern):
+            path.unlink(missing_ok=True)
+            removed.append(path)
     return removed

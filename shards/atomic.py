@@ -34,7 +34,7 @@ def _reason(e: OSError) -> str:
     return os_error_message(e).rsplit(": ", 1)[-1]
 
 
-TEMP_NAME_KEPT = 200  # characters of a file's name kept in its temp file's name (".NAME.XXXXXXXX.tmp")
+TEMP_NAME_KEPT = 200  # bytes of a file's name kept in its temp file's name (".NAME.XXXXXXXX.tmp")
 
 
 def _is_dir(path: Path, option: str) -> bool:
@@ -79,7 +79,8 @@ def atomic_open(path: str | Path, mode: str = "wb"):
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         # the temp name within the 255 bytes a name may have, whatever the length of path.name
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:TEMP_NAME_KEPT]}.", suffix=".tmp", dir=path.parent)
+        kept = os.fsencode(path.name)[:TEMP_NAME_KEPT].decode(errors="ignore")  # (a cut multi-byte character goes)
+        fd, tmp = tempfile.mkstemp(prefix=f".{kept}.", suffix=".tmp", dir=path.parent)
     except FileExistsError:  # mkdir: a file where a parent folder should be
         raise FileSystemError(f"{path}: a part of the path is a file, not a folder", errno.ENOTDIR) from None
     except OSError as e:

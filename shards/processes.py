@@ -25,7 +25,10 @@ def set_parent_death_signal(sig: int) -> bool:
 
 
 def exit_with_parent(parent_pid: int) -> None:
-    """In a child of `parent_pid`: be killed when it exits; exit now if it already has."""
+    """In a child of `parent_pid`: be killed when it exits; exit now if it already has. Anywhere
+    else (not a direct child): nothing."""
+    if os.getppid() != parent_pid:
+        return
     set_parent_death_signal(signal.SIGKILL)
-    if os.getppid() != parent_pid:  # the parent died before the line above took effect
+    if os.getppid() != parent_pid:  # the parent died between the check and the line above
         os._exit(1)

@@ -913,6 +913,11 @@ def test_long_output_names_are_written_or_refused_in_one_line(checkpoint, tmp_pa
     fits = tmp_path / ("b" * 246 + ".pth")  # a legal name: its temp file's name must fit as well
     code, output = _cli("export", "--checkpoint", checkpoint, "--out", fits)
     assert code == 0 and fits.is_file(), output
+    from shards.atomic import atomic_write_bytes
+
+    wide = tmp_path / ("名" * 83 + ".pt")  # 252 bytes in 86 characters: the temp name is cut on bytes
+    atomic_write_bytes(wide, b"x")
+    assert wide.read_bytes() == b"x" and not list(tmp_path.glob(".*.tmp"))
     too_long = tmp_path / ("a" * 300 + ".pth")
     with pytest.raises(UserError, match=r"^--out .*a{300}\.pth: File name too long$"):
         _cli("export", "--checkpoint", checkpoint, "--out", too_long)

@@ -514,7 +514,10 @@ def test_each_start_is_logged_and_temp_files_of_cut_writes_are_removed(tmp_path)
     cut.write_bytes(b"half a checkpoint")
     kept = run / "checkpoints" / "notes.txt"
     kept.write_text("mine")
+    (run / "tables").mkdir()
+    other = run / "tables" / ".offline.npz.x81kq0.tmp"  # `clim-fast mine --out RUN/tables/offline.npz` writing
+    other.write_bytes(b"in progress")
     run_training(tiny("moco_v2", epochs=2), SyntheticData(32), run, resume="auto", progress=False)
-    assert not cut.exists() and kept.read_text() == "mine"
+    assert not cut.exists() and kept.read_text() == "mine" and other.exists()
     starts = read_log(run, "start")
     assert [(s["epoch"], s["resumed_from"]) for s in starts] == [(0, None), (1, str(run / "checkpoints" / "last.pt"))]

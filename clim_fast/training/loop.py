@@ -131,9 +131,9 @@ def run_training(cfg: Config, shards, out: str | Path, *, gpus: int = 0, cpu_pro
         if is_fresh_start(resume) and launch.first_rank == 0:  # again, under the lock: a run may have ended since
             check_fresh_run_folder(out)
         resume_path, done_epochs = resolve_resume(resume, out, cfg, data)
-        if done_epochs >= cfg.epochs:  # resumed a finished run (a requeued job): leave RUN as it is
+        if done_epochs >= cfg.epochs:  # resumed a finished run in its own folder (a requeued job): leave it as it is
             print(f"--epochs {cfg.epochs}: nothing to do, {resume_path} is at epoch {done_epochs}", file=sys.stderr)
-            return last_checkpoint(out)
+            return resume_path
         if launch.local_procs == 1:
             return train_worker(0, launch, cfg, data, out, resume_path, progress, None)
         spawn(launch, train_worker, launch, cfg, data, out, resume_path, progress)
@@ -166,7 +166,8 @@ def resolve_resume(resume, out: Path, cfg: Config, data) -> tuple[Path | None, i
     differ = [f"{k} ({saved.get(k)!r} vs {getattr(cfg, k)!r})" for k in RESUME_FIXED_FIELDS if saved.get(k) != getattr(cfg, k)]
     if differ:
         raise UserError(f"{path}: checkpoint config differs from this run in {', '.join(differ)}")
-    if ckpt["epoch"] >= cfg.epochs and not last_checkpoint(out).exists():  # before anything is written to RUN
+    own = run_folder.checkpoint_folder(out)
+    if ckpt["epoch"] >= cfg.epochs and not (own.is_dir() and os.path.samefile(path.parent, own)):
         raise UserError(f"--epochs {cfg.epochs}: nothing to do, {path} is already at epoch {ckpt['epoch']}")
     if ckpt["epoch"] < cfg.epochs:
         print(f"resuming from {path} (epoch {ckpt['epoch']}, step {ckpt.get('step', 0)})", file=sys.stderr)
@@ -284,10 +285,11 @@ def stored_path(path, out: Path) -> str:
 
 
 def run_path(stored: str, out: Path) -> Path:
-    """The path a checkpoint's `stored_path` names. (Checkpoints before stored_path kept the path as
-    typed, relative to the working directory: used only where RUN has no such file.)"""
+    """The path a checkpoint's `stored_path` names: RUN's own tables/..., or an absolute path.
+    (Checkpoints before stored_path kept other paths as typed, relative to the working directory:
+    those are read from there where RUN has no such file.)"""
     path = Path(stored)
-    if path.is_absolute() or (out / path).exists() or not path.exists():
+    if path.is_absolute() or path.parts[:1] == (run_folder.TABLES,) or (out / path).exists() or not path.exists():
         return out / path
     return path
 
@@ -369,21 +371,24 @@ def save(out: Path, model: CLIM, optimizer, scaler, state: RunState, cfg: Config
     folder = last.parent
     if dist.get_rank() == 0:
         t0 = time.perf_counter()
+        failed = writer.wait()  # the previous write (long done, unless checkpoints come faster than writes)
         ckpt = snapshot({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scaler": scaler.state_dict(), "config": cfg.to_dict(), **asdict(state), "rng": rngs,
                          "dataset_id": data.dataset_id, "num_samples": data.num_samples,
                          "world_size": dist.get_world_size()})
         paths = [folder / epoch_checkpoint_name(state.epoch), last] if epoch_file else [last]
         record = {"epoch": state.epoch, "step": state.step, "path": str(paths[0])}
-        written_at = time.perf_counter()
+        log.write({"kind": "checkpoint", **record, "blocking_s": time.perf_counter() - t0})
+        started = time.perf_counter()
 
         def written():  # in the writer's thread, once every path is on disk
-            log.write({"kind": "checkpoint_written", **record, "write_s": time.perf_counter() - written_at})
-            if epoch_file:
-                prune_epoch_checkpoints(folder, cfg.keep_checkpoints)
+            try:
+                log.write({"kind": "checkpoint_written", **record, "write_s": time.perf_counter() - started})
+            finally:
+                if epoch_file:
+                    prune_epoch_checkpoints(folder, cfg.keep_checkpoints)
 
-        failed = writer.write(ckpt, *paths, then=written)
-        log.write({"kind": "checkpoint", **record, "blocking_s": written_at - t0})
+        writer.write(ckpt, *paths, then=written)  # (nothing to wait for: returns None)
     else:
         failed = None
     dist.raise_if_any_failed(failed, "writing the previous checkpoint")  # every rank stops together
