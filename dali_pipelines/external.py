@@ -37,6 +37,7 @@ from shards.format import SAMPLES
 from shards.processes import exit_with_parent
 
 ANCHOR_STREAM, POSITIVE_STREAM = 0, 1
+NOT_A_JPEG = "its stored bytes are not a JPEG (damaged data)"  # ShardReader's error, found again by the loader
 POLL_S = 0.005
 
 
@@ -79,7 +80,7 @@ class ShardReader:
         data = np.frombuffer(self._maps[int(c["shard"][sid])], dtype=np.uint8, count=int(c["size"][sid]),
                              offset=int(c["offset"][sid]))
         if data[0] != 0xFF or data[1] != 0xD8:
-            raise ValueError(f"sample {sid}: its stored bytes are not a JPEG (damaged data)")
+            raise ValueError(f"sample {sid}: {NOT_A_JPEG}")
         return data
 
     def label(self, sid: int) -> int:

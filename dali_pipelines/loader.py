@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import gc
 import io
+import re
 import shutil
 import tempfile
 import weakref
@@ -34,7 +35,7 @@ import torch
 from PIL import Image
 
 from dali_pipelines.epochs import check_batch, steps_per_epoch
-from dali_pipelines.external import ShardReader
+from dali_pipelines.external import NOT_A_JPEG, ShardReader
 from shards import ShardDataset
 from shards.errors import UserError
 
@@ -190,6 +191,12 @@ class BatchStream:
         self._held.clear()
         self._last = None
         if self.pipe is not None:
+            # stop the source's worker processes now, not when the pipeline is collected: after a
+            # failure the exception's traceback holds the pipeline, and a process exiting with
+            # them alive waits for them (the other ranks then wait in their next collective)
+            pool = getattr(self.pipe, "_py_pool", None)
+            if pool is not None:
+                pool.close()
             ref = weakref.ref(self.pipe)
             self.pipe = None
             if ref() is not None:  # held by a reference cycle
@@ -229,13 +236,18 @@ def undecodable(dataset, ids) -> list[int]:
 
 
 def failure_message(dataset, ids, error: BaseException) -> str:
-    """One line for a failed pipeline run, naming the shard file(s) of the sample(s) at fault: the
-    samples in flight that PIL cannot decode either, else all of them with DALI's own first line."""
-    bad = undecodable(dataset, ids)
+    """One line for a failed pipeline run, naming the shard file(s) of the sample(s) at fault: those
+    the shard reader refused (possibly in a batch read ahead of `ids`), else the samples in flight
+    that PIL cannot decode either, else all of them with DALI's own error line."""
+    text = str(error)
+    bad = sorted({int(n) for n in re.findall(rf"sample (\d+): {re.escape(NOT_A_JPEG)}", text)})
+    bad = bad or undecodable(dataset, ids)
     if bad:
         return f"could not decode {dataset.describe_samples(bad)}"
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    first = next((line for line in lines if "rror" in line and not line.endswith(":")), lines[0] if lines else "")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    raised = [line for line in lines if re.match(r"^[\w.]*(Error|Exception): ", line)]  # not a quoted source line
+    first = raised[-1] if raised else next((line for line in lines if "rror" in line and not line.endswith(":")),
+                                           lines[0] if lines else "")
     first = (first[:200] + "...") if len(first) > 200 else first
     return f"DALI failed ({first or type(error).__name__}) on a batch holding {dataset.describe_samples(ids)}"
 

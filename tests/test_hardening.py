@@ -881,16 +881,22 @@ def test_train_resume_without_config_json_starts_from_the_checkpoints_config(sha
     assert ckpt["epoch"] == 2 and ckpt["config"]["base_lr"] == 0.1 and ckpt["config"]["batch_size"] == 8
 
 
-def test_a_jpeg_zeroed_in_its_shard_is_named_not_a_crash(shard_dir, tmp_path):
-    """Bytes damaged in place (sizes still match) must end in the one-line error naming the sample;
-    all-zero data reaching DALI's CPU decoder in a batch of 64 or more crashed the process (SIGSEGV)."""
+def _zeroed_copy(shard_dir: Path, tmp_path: Path, sample_id: int) -> tuple[Path, Path]:
+    """A copy of the shards with one sample's JPEG bytes zeroed in place (sizes still match): (folder, its tar)."""
     damaged = tmp_path / "shards"
     shutil.copytree(shard_dir, damaged)
-    row = ShardDataset(damaged).index[5]
+    row = ShardDataset(damaged).index[sample_id]
     tar = damaged / ShardDataset(damaged).manifest["shards"][int(row["shard"])]["name"]
     with open(tar, "r+b") as f:
         f.seek(int(row["offset"]))
         f.write(bytes(int(row["size"])))
+    return damaged, tar
+
+
+def test_a_jpeg_zeroed_in_its_shard_is_named_not_a_crash(shard_dir, tmp_path):
+    """Bytes damaged in place (sizes still match) must end in the one-line error naming the sample;
+    all-zero data reaching DALI's CPU decoder in a batch of 64 or more crashed the process (SIGSEGV)."""
+    damaged, tar = _zeroed_copy(shard_dir, tmp_path, 5)
     script = ("import sys, torch\n"
               "from dali_pipelines import FeatureLoader\n"
               "from shards import ShardDataset\n"
@@ -957,3 +963,32 @@ def test_python_m_cli_works_from_a_folder_holding_a_shards_folder(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "cli", "verify", "shards/train"], cwd=tmp_path, capture_output=True,
                           text=True, env=env, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: shards/train: not a complete shard folder")
+
+
+@pytest.mark.timeout(180)
+def test_a_damaged_sample_stops_every_rank_of_a_two_process_run_naming_it(shard_dir, tmp_path):
+    """The failing rank exited only once its DALI source workers did, which they never did while its
+    exception held the pipeline: the other rank waited in shuffle BN's exchange (30 min on gloo).
+    And the sample, read ahead of the batch in flight, was not named (DALI's quoted source line was)."""
+    damaged, tar = _zeroed_copy(shard_dir, tmp_path, 5)
+    proc = _main("train", "--shards", damaged, "--out", tmp_path / "run", "--gpus", "0", "--cpu-procs", "2",
+                 "--arch", "resnet18", "--image-size", "16", "--batch-size", "8", "--epochs", "2",
+                 "--set", "queue_size=16", "--set", "workers=1", "--set", "dali_threads=1")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"error: could not decode sample 5 (in {tar.name}) of {damaged}" in proc.stderr
+
+
+def test_too_little_data_for_mining_or_class_similarity_is_one_line(checkpoint, tmp_path):
+    """One image: CLIM training ended in an IndexError deep in the selection (k cut to 0); one class
+    (or one image a class): `eval similarity` wrote NaN into its JSON."""
+    src = make_photo_folder(tmp_path / "one-class", classes=1, per_class=3, seed=3)
+    write_shards(src, tmp_path / "one-class-shards", maxcount=16)
+    with pytest.raises(UserError, match=r"1 class\(es\), at most 3 sample\(s\) in one; the similarity"):
+        _cli("eval", "similarity", "--checkpoint", checkpoint, "--shards", tmp_path / "one-class-shards",
+             "--out", tmp_path / "e", "--device", "cpu")
+    single = make_photo_folder(tmp_path / "single", classes=1, per_class=1, seed=4)
+    write_shards(single, tmp_path / "single-shards", maxcount=16)
+    with pytest.raises(UserError, match=r"^--preset clim: 1 sample\(s\); mining positives needs at least 2$"):
+        _cli("train", "--shards", tmp_path / "single-shards", "--out", tmp_path / "run", "--gpus", "0", "--preset",
+             "clim", "--batch-size", "1", "--set", "queue_size=2")
+    assert not (tmp_path / "run" / "config.json").exists()

@@ -14,7 +14,14 @@ from shards.errors import UserError
 from shards.neighbours import NeighbourTable
 
 
+def check_minable(num_samples: int, where) -> None:
+    """A positive is another image: mining needs two samples at the least."""
+    if num_samples < 2:
+        raise UserError(f"{where}: {num_samples} sample(s); mining positives needs at least 2")
+
+
 def check_sizes(num_samples: int, clusters: int, k: int) -> None:
+    check_minable(num_samples, "--shards")
     if clusters < 1 or clusters > num_samples:
         raise UserError(f"--clusters {clusters}: must be between 1 and the number of samples ({num_samples})")
     if k < 1 or k >= num_samples:

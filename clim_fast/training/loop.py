@@ -33,6 +33,7 @@ from clim_fast.data import loader_options
 from clim_fast.method.clim import CLIM
 from clim_fast.progress import PassProgress
 from clim_fast.mining.rounds import ROUND_PARTS, OnlineMining, is_refresh_epoch, positives_active
+from clim_fast.mining.select import check_minable
 from clim_fast.training.checkpoint import (CheckpointWriter, capture_rng, check_fresh_run_folder,
                                            epoch_checkpoint_name, find_resume_checkpoint, load_checkpoint,
                                            load_model_state, prune_epoch_checkpoints, restore_rng, snapshot)
@@ -121,6 +122,8 @@ def run_training(cfg: Config, shards, out: str | Path, *, gpus: int = 0, cpu_pro
     launch = plan_launch(gpus=gpus, cpu_procs=cpu_procs, nnodes=nnodes, node_rank=node_rank,
                          master_addr=master_addr, master_port=master_port, share_gpu=share_gpu)
     check_batch(data.num_samples, cfg.batch_size, launch.world_size)
+    if cfg.uses_positives:
+        check_minable(data.num_samples, f"--preset {cfg.preset}")
     if cfg.init_table:
         load_table(cfg.init_table, data)
     if out.exists() and not out.is_dir():
