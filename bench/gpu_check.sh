@@ -90,8 +90,8 @@ if [ "$SMALL" = 1 ]; then
     OVERHEAD_ARGS=(--rounds 2 --steps 3)
     MINE_ARGS=(--size small --n 5000 --engines triton)
     GPUS=(--gpus 0); GPUS2=(--gpus 0 --cpu-procs 2); DEMO_BUDGET=tiny; DEMO_DATA=()
-    # 120 samples / 12 = 10 steps an epoch; the GPU run's schedule minus its last epoch (a CLIM
-    # step takes seconds on a shared 2-core CPU): mining at epochs 1 and 3, SIGTERM in epoch 2
+    # 120 samples / 12 = 10 steps an epoch; the GPU run's schedule (mining at epochs 1 and 3) with
+    # its SIGTERM an epoch earlier, in epoch 2 (a CLIM step takes seconds on a shared 2-core CPU)
     TRAIN_SET="arch=resnet18 image_size=32 batch_size=12 queue_size=120 workers=1 dali_threads=1
                epochs=4 clim_start_epoch=1 mine_every=2 clusters=8 knn_k=10 mine_engine=torch
                log_every=2 checkpoint_every=2"

@@ -26,6 +26,8 @@ SHARDS = typer.Option(..., "--shards", help="Shard folder (training split).", sh
 VAL_SHARDS = typer.Option(None, "--val-shards", help="Shard folder of the validation split.")
 OUT = typer.Option(None, "--out", help="Folder for cached features, metrics and pictures "
                    "(default: RUN/eval next to the checkpoint's run).")
+LINEAR_OUT = typer.Option(None, "--out", help="Folder for the metrics JSON (default: RUN/eval next to the "
+                          "checkpoint's run).")
 IMAGE_SIZE = typer.Option(None, "--image-size", help="Input size (default: the checkpoint's).")
 BATCH_SIZE = typer.Option(256, "--batch-size", help="Images per batch.")
 DEVICE = typer.Option("auto", "--device", help="auto (cuda when available), cpu or cuda.")
@@ -111,7 +113,7 @@ def knn_command(checkpoint: Path = CHECKPOINT, shards: Path = SHARDS, val_shards
 @eval_app.command("linear")
 @_fs_errors
 def linear_command(checkpoint: Path = CHECKPOINT, shards: Path = SHARDS, val_shards: Optional[Path] = VAL_SHARDS,
-                   out: Optional[Path] = OUT,
+                   out: Optional[Path] = LINEAR_OUT,
                    epochs: int = typer.Option(100, "--epochs", help="Training epochs of the linear classifier."),
                    lr: float = typer.Option(30.0, "--lr", help="SGD learning rate."),
                    momentum: float = typer.Option(0.9, "--momentum"),

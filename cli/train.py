@@ -20,7 +20,8 @@ def register(app: typer.Typer) -> None:
         gpus: Optional[int] = typer.Option(
             None, "--gpus", help="GPUs on this node, one process each; 0: CPU; default: all visible GPUs"),
         cpu_procs: int = typer.Option(1, "--cpu-procs", help="CPU processes on gloo when --gpus 0"),
-        epochs: Optional[int] = typer.Option(None, "--epochs"),
+        epochs: Optional[int] = typer.Option(
+            None, "--epochs", help="default: the config's 1200 (the paper's schedule; 200 for ablations)"),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", help="global batch over all processes"),
         arch: Optional[str] = typer.Option(None, "--arch"),
         image_size: Optional[int] = typer.Option(None, "--image-size"),

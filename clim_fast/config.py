@@ -51,7 +51,7 @@ class Config:
     shuffle_bn: bool = True
     shuffle_bn_groups: int = 4  # one process: BN groups of the shuffled key batch (= GPUs emulated)
     # optimisation
-    epochs: int = 200
+    epochs: int = 1200  # the paper's schedule; 200 for ablations
     base_lr: float = 0.03  # per 256 images: lr = base_lr * batch_size / 256
     momentum: float = 0.9
     weight_decay: float = 1e-4

@@ -34,7 +34,7 @@ from dali_pipelines.augment import RngBank, ViewSpec, center_crop_roi, draw_view
 from dali_pipelines.epochs import PAD_ID, epoch_share, steps_per_epoch
 from shards.dataset import TarMaps
 from shards.format import SAMPLES
-from shards.processes import exit_with_parent
+from shards.processes import exit_with_parent, leave_stops_to_parent
 
 ANCHOR_STREAM, POSITIVE_STREAM = 0, 1
 NOT_A_JPEG = "its stored bytes are not a JPEG (damaged data)"  # ShardReader's error, found again by the loader
@@ -62,6 +62,7 @@ class ShardReader:
         self.__dict__.update(state)
         if parent is not None and parent != os.getpid():  # in a DALI worker: never outlive the loader's process
             exit_with_parent(parent)
+            leave_stops_to_parent()
 
     def _open(self):
         index = np.load(self.samples_path, mmap_mode="r", allow_pickle=False)

@@ -135,6 +135,10 @@ class BatchStream:
         except Exception:
             self.close()
             raise
+        for process in getattr(getattr(pipe, "_py_pool", None), "_processes", ()):
+            # DALI ends the workers of a pool that lost one with terminate(): SIGTERM, which the
+            # workers defer (shards.processes.leave_stops_to_parent); SIGKILL ends them at once
+            process.terminate = process.kill
 
     @property
     def next_step(self) -> int:
@@ -235,11 +239,17 @@ def undecodable(dataset, ids) -> list[int]:
     return bad
 
 
+_WORKERS_GONE = ("Worker data receiving interrupted", "Sending tasks to worker")  # DALI's pool, its workers dead
+
+
 def failure_message(dataset, ids, error: BaseException) -> str:
     """One line for a failed pipeline run, naming the shard file(s) of the sample(s) at fault: those
     the shard reader refused (possibly in a batch read ahead of `ids`), else the samples in flight
     that PIL cannot decode either, else all of them with DALI's own error line."""
     text = str(error)
+    if any(sign in text for sign in _WORKERS_GONE):
+        return ("DALI's source worker processes stopped (killed from outside: a signal to them, the "
+                "out-of-memory killer?); the data was not at fault")
     bad = sorted({int(n) for n in re.findall(rf"sample (\d+): {re.escape(NOT_A_JPEG)}", text)})
     bad = bad or undecodable(dataset, ids)
     if bad:

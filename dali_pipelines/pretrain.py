@@ -82,11 +82,12 @@ class PretrainLoader(EpochLoader):
         self.crop_min_scale = float(crop_min_scale)
         self.table_changes = table_changes
         self._scratch = Scratch()
-        self._table, self._table_folder, self._table_folders = None, None, []
+        self._table, self._table_folder, self._table_folders, self._tables_written = None, None, [], 0
         self._pending = _UNSET
         self._published: dict[int, str] = {}
         self._pointers = None
         self._streams_built = 0
+        self._check_table(table)
         self._install_table(table)
 
     # -- the loop's API -----------------------------------------------------------------------------
@@ -123,18 +124,19 @@ class PretrainLoader(EpochLoader):
         table.check_matches(self.dataset.dataset_id, self.num_samples, where)
 
     def _install_table(self, table) -> None:
+        """Hand a checked table (`set_table`, the constructor) to the workers' folders."""
         if table is self._table:
             return
-        self._check_table(table)
         folder = None
         if table is not None:  # written before it is installed: a failed write leaves the last table in use
-            folder = self._scratch.path / f"table-{len(self._table_folders)}"
+            folder = self._scratch.path / f"table-{self._tables_written}"
+            self._tables_written += 1
             folder.mkdir(parents=True, exist_ok=True)
             np.save(folder / "positives.npy", np.ascontiguousarray(table.positives, dtype=np.int32))
             np.save(folder / "counts.npy", np.ascontiguousarray(table.counts, dtype=np.int32))
             self._table_folders.append(folder)
-            for old in self._table_folders[:-2]:  # workers that still map one keep their view (POSIX)
-                shutil.rmtree(old, ignore_errors=True)
+            while len(self._table_folders) > 2:  # workers that still map one keep their view (POSIX)
+                shutil.rmtree(self._table_folders.pop(0), ignore_errors=True)
         self._table, self._table_folder = table, None if folder is None else str(folder)
 
     def _publish(self, epoch: int) -> None:

@@ -12,6 +12,7 @@ def test_defaults_are_the_seed_settings():
     assert (cfg.batch_size, cfg.weight_decay, cfg.momentum) == (512, 1e-4, 0.9)
     assert cfg.lr == pytest.approx(0.06)
     assert (cfg.clusters, cfg.knn_k, cfg.mine_every, cfg.alpha) == (10000, 40, 5, 2.0)
+    assert cfg.epochs == 1200
 
 
 def test_presets():

@@ -56,6 +56,10 @@ def test_knn_held_out_split_then_cached(checkpoint, shard_dir, tmp_path):
     assert second == first
     assert "features: cached" in res2.stderr
     assert json.loads((out / "knn-last.json").read_text()) == first
+    wide, res3 = _run([*args[:-len(COMMON) - 2], "--k", "1000", *COMMON])  # more than the memory bank
+    assert wide["k"] == 43 and "using k=43" in res3.stderr
+    key, _ = _run([*args, "--encoder", "key"])  # the momentum encoder: its own cached features
+    assert len(list(out.glob("features-*-32px-key.npz"))) == 1 and key["k"] == 5
 
 
 def test_knn_on_itself_with_k1_is_exact(checkpoint, shard_dir, tmp_path):
@@ -68,9 +72,10 @@ def test_knn_on_itself_with_k1_is_exact(checkpoint, shard_dir, tmp_path):
         feats, labels = checkpoint_features(checkpoint, shard_dir, tmp_path, batch_size=16, workers=0, threads=1,
                                             device="cpu", log=lambda m: None)
         assert knn_classify(feats, labels, feats, labels, k=1)["top1"] == 100.0 and len(labels) == 48
-    with pytest.raises(UserError, match="the same images as --shards"):
-        _run(["eval", "knn", "--checkpoint", str(checkpoint), "--shards", str(shard_dir),
-              "--val-shards", str(shard_dir), "--out", str(tmp_path), "--k", "1", *COMMON])
+    for command in (["knn", "--k", "1"], ["linear", "--epochs", "1"]):
+        with pytest.raises(UserError, match="the same images as --shards"):
+            _run(["eval", command[0], "--checkpoint", str(checkpoint), "--shards", str(shard_dir),
+                  "--val-shards", str(shard_dir), "--out", str(tmp_path), *command[1:], *COMMON])
 
 
 def test_similarity_and_tsne(checkpoint, shard_dir, tmp_path):

@@ -955,6 +955,47 @@ def test_dali_source_workers_die_with_a_killed_loader_process(shard_dir):
         _kill_all(proc, children)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_dali_source_workers_keep_serving_after_a_stop_signal_to_the_whole_process_group(shard_dir, sig):
+    """Ctrl-C reaches every process of the terminal's group and a scheduler's SIGTERM every process of
+    the job; training then runs more steps before it stops (several ranks agree first). The workers
+    died of it and the next batch failed as "damaged data"."""
+    script = ("import os, signal, sys, time, torch\n"
+              "from dali_pipelines import PretrainLoader\n"
+              "if __name__ == '__main__':\n"
+              "    got = []\n"
+              "    signal.signal(int(sys.argv[2]), lambda s, f: got.append(s))\n"
+              "    loader = PretrainLoader(sys.argv[1], batch_size=8, image_size=16, workers=2, threads=1)\n"
+              "    served = 0\n"
+              "    for epoch in range(20):\n"
+              "        loader.set_epoch(epoch)\n"
+              "        for batch in loader:\n"
+              "            served += 1\n"
+              "            if served == 3:\n"
+              "                os.killpg(os.getpgrp(), int(sys.argv[2]))\n"
+              "                time.sleep(0.5)\n"
+              "        if served >= 15:\n"
+              "            break\n"
+              "    loader.close()\n"
+              "    print('served', served, 'signals', len(got), flush=True)\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(shard_dir), str(int(sig))], cwd=REPO,
+                          capture_output=True, text=True, timeout=240, start_new_session=True,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    served, signals = (int(n) for n in re.findall(r"served (\d+) signals (\d+)", proc.stdout)[0])
+    assert served >= 15 and signals == 1
+
+
+def test_a_source_worker_stopped_from_outside_is_not_blamed_on_the_data(shard_dir):
+    """What DALI raises when a worker of its pool is gone (before the workers left stops to the
+    loader's process, Ctrl-C ended them this way): no sample is named, `verify` is not suggested."""
+    from dali_pipelines.loader import failure_message
+
+    for text in ("Worker data receiving interrupted", "Sending tasks to workers failed"):
+        message = failure_message(ShardDataset(shard_dir), [3, 4], RuntimeError(text))
+        assert "source worker processes stopped" in message and "verify" not in message
+
+
 def test_python_m_cli_works_from_a_folder_holding_a_shards_folder(tmp_path):
     """The README's layout puts shards/ in the working directory; `python -m cli` put that folder
     ahead of the installed package (ImportError: cannot import name ... from 'shards')."""
@@ -992,3 +1033,23 @@ def test_too_little_data_for_mining_or_class_similarity_is_one_line(checkpoint, 
         _cli("train", "--shards", tmp_path / "single-shards", "--out", tmp_path / "run", "--gpus", "0", "--preset",
              "clim", "--batch-size", "1", "--set", "queue_size=2")
     assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_every_option_help_reaches_the_help_screen_intact():
+    """The CLI renders help as rich markup: a "[word]" in a help text would vanish from --help."""
+    import typer.main
+
+    group = typer.main.get_command(app)
+
+    def commands(command):
+        yield command
+        for sub in getattr(command, "commands", {}).values():
+            yield from commands(sub)
+
+    texts = [(command.name, param.name, param.help) for command in commands(group)
+             for param in command.params if getattr(param, "help", None)]
+    assert len(texts) > 40
+    eaten = [t for t in texts if re.search(r"(?<!\\)\[[a-z/]", t[2])]
+    assert not eaten
+    code, out = _cli("mine", "--help")
+    assert code == 0 and "checkpoint's config" in out

@@ -25,3 +25,20 @@ def test_a_package_imports_only_the_packages_below_it(package):
     wrong = {str(path.relative_to(ROOT)): sorted(imported_packages(path) & above)
              for path in (ROOT / package).rglob("*.py")}
     assert {path: names for path, names in wrong.items() if names} == {}
+
+
+def test_help_and_option_errors_load_no_torch_dali_or_faiss():
+    """Each command imports the heavy packages inside its function: `--help` answers at once."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from typer.testing import CliRunner\n"
+            "from cli.app import app\n"
+            "for args in (['--help'], ['train', '--help'], ['mine', '--help'], ['eval', 'knn', '--help'],\n"
+            "             ['shard', '--help'], ['demo', '--help'], ['train']):\n"
+            "    CliRunner().invoke(app, args)\n"
+            "print(sorted(m for m in ('torch', 'nvidia.dali', 'faiss') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -239,3 +239,16 @@ def test_export_of_a_small_image_run_loads_into_a_torchvision_resnet_with_its_st
     net.fc = torch.nn.Identity()
     x = torch.randn(2, 3, 32, 32)
     assert torch.allclose(net.eval()(x), model.encoder_q.backbone.eval()(x), atol=1e-5)
+
+
+def test_export_of_a_narrow_run_says_how_to_build_it_and_loads_that_way(tmp_path):
+    from clim_fast.method.backbone import resnet
+
+    cfg = make_config("moco_v2", dict(arch="resnet18", image_size=224, width=16, queue_size=256, batch_size=256))
+    torch.manual_seed(6)
+    model = MoCo(cfg)
+    summary = export_backbone(_checkpoint(tmp_path, model, cfg), tmp_path / "r18.pth")
+    assert summary["width"] == 16 and "resnet('resnet18', width=16)" in summary["note"]
+    net = resnet("resnet18", width=16)
+    result = net.load_state_dict(torch.load(tmp_path / "r18.pth", weights_only=True), strict=False)
+    assert result.unexpected_keys == [] and all(k.startswith("fc.") for k in result.missing_keys)

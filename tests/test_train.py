@@ -92,6 +92,30 @@ def test_sigterm_saves_and_resume_matches_an_uninterrupted_run(tmp_path):
     assert {"anchors_per_s", "data_wait", "lr", "gpu_mem_gb"} <= set(epochs[0])
 
 
+def test_a_stop_on_an_epochs_last_step_still_writes_that_epochs_file(tmp_path):
+    run = tmp_path / "run"
+    stopped = run_training(tiny("moco_v2"), SigtermSource(epoch=0, after=2, num_samples=32), run, progress=False)
+    assert (load_checkpoint(stopped)["epoch"], load_checkpoint(stopped)["step"]) == (1, 0)  # 4 steps an epoch
+    assert load_checkpoint(run / "checkpoints" / "epoch-0001.pt")["epoch"] == 1
+    run_training(tiny("moco_v2"), SyntheticData(32), run, resume="auto", progress=False)
+    assert sorted(p.name for p in (run / "checkpoints").glob("epoch-*.pt")) == ["epoch-0001.pt", "epoch-0002.pt"]
+
+
+def test_tensorboard_logging_writes_events_or_names_the_missing_extra(tmp_path):
+    from clim_fast.training.metrics import RunLog
+
+    try:
+        import tensorboard  # noqa: F401  (the optional extra)
+    except ImportError:
+        with pytest.raises(UserError, match=r"pip install 'clim-fast\[tensorboard\]'"):
+            RunLog(tmp_path, tensorboard=True)
+        return
+    log = RunLog(tmp_path, tensorboard=True)
+    log.write({"kind": "step", "iteration": 1, "loss": 2.0})
+    log.close()
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
 def _rank_main(rank, port, out, cfg, data):
     import clim_fast.training.loop as loop
     from clim_fast.training.launch import Launch
@@ -405,6 +429,27 @@ def test_resume_fresh_starts_over_where_no_checkpoint_loads(tmp_path):
         run_training(tiny("moco_v2", epochs=1), SyntheticData(32), run, resume="auto", progress=False)
     last = run_training(tiny("moco_v2", epochs=1), SyntheticData(32), run, resume="fresh", progress=False)
     assert load_checkpoint(last)["epoch"] == 1  # trained from scratch over the broken file
+
+
+def test_a_resume_takes_new_options_but_refuses_a_change_to_what_the_checkpoint_fixes(tmp_path):
+    run = tmp_path / "run"
+    run_training(tiny("moco_v2", epochs=1), SyntheticData(32), run, progress=False)
+    with pytest.raises(UserError, match=r"batch_size \(8 vs 16\)"):
+        run_training(tiny("moco_v2", epochs=2, batch_size=16), SyntheticData(32), run, resume="auto", progress=False)
+    last = run_training(tiny("moco_v2", epochs=2, base_lr=0.25), SyntheticData(32), run, resume="auto",
+                        progress=False)
+    ckpt = load_checkpoint(last)
+    assert ckpt["epoch"] == 2 and ckpt["config"]["base_lr"] == 0.25
+
+
+def test_a_resume_whose_positives_now_start_earlier_mines_its_first_table(tmp_path):
+    run = tmp_path / "run"
+    run_training(tiny(epochs=2, clim_start_epoch=5), SyntheticData(32), run, progress=False)
+    assert not read_log(run, "mine")
+    run_training(tiny(epochs=3, clim_start_epoch=1, mine_every=3), SyntheticData(32), run, resume="auto",
+                 progress=False)  # epoch 2 is not a refresh epoch, and the checkpoint names no table
+    assert [r["epoch"] for r in read_log(run, "mine")] == [2]
+    assert read_log(run, "epoch")[-1]["table"].endswith("table-epoch-0002.npz")
 
 
 def test_training_from_an_offline_table_uses_it_from_epoch_0_and_refuses_a_foreign_one(tmp_path):

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clim_fast.config import make_config
+from clim_fast.config import Config, make_config
 from clim_fast.demo.digits import SOURCES, default_source, write_demo_folders
 from clim_fast.demo.progress import DemoProgress
 from clim_fast.demo.report import plot_bars, plot_training, write_report
@@ -93,7 +93,7 @@ def train_config(preset: str, budget: Budget, seed: int, overrides: dict | None 
 
     values = dict(budget.config)
     values.update(overrides or {})
-    epochs = int(values.get("epochs", 200))
+    epochs = int(values.get("epochs", Config.epochs))
     if values.get("clim_start_epoch", 0) >= epochs:  # mine at least once when epochs are cut short
         values["clim_start_epoch"] = max(0, epochs - 1)
     values.update(seed=seed, checkpoint_every=epochs, keep_checkpoints=1, log_every=values.get("log_every", 5))

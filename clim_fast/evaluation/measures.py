@@ -363,7 +363,7 @@ def similarity_eval(checkpoint, shards_dir, cache_dir=None, *, log=print, same_c
     labels = np.asarray(ShardDataset(shards_dir).labels)
     counts = np.bincount(labels[labels >= 0])
     if (counts > 0).sum() < 2 or counts.max() < 2:  # before the feature pass; else a NaN in the JSON
-        raise UserError(f"--shards {shards_dir}: {int((counts > 0).sum())} class(es), at most {int(counts.max(initial=0))} "
+        raise UserError(f"{shards_dir}: {int((counts > 0).sum())} class(es), at most {int(counts.max(initial=0))} "
                         "sample(s) in one; the similarity within and between classes needs 2 classes and a "
                         "class with 2 samples at the least")
     feats, labels = checkpoint_features(checkpoint, shards_dir, cache_dir, log=log, **feature_kw)

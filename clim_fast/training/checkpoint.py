@@ -60,7 +60,8 @@ def snapshot(state):
 class CheckpointWriter:
     """Writes checkpoints in a background thread, one at a time, so the loop waits only for the
     snapshot (`snapshot`: tensors copied to the CPU) and not for serialising and fsyncing a few
-    hundred MB (2.2 s against 0.23 s for an RN50 clim_multires checkpoint on a 2-core CPU).
+    hundred MB (0.9-2.1 s against 0.19-0.20 s for an RN50 clim_multires checkpoint on a 2-core CPU,
+    `bench/checkpoint.py`).
 
         failed = writer.write(snapshot(state), path, ..., then=prune)  # the earlier write's error, or None
         failed = writer.wait()                                         # the last write's error, or None

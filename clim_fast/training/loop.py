@@ -39,7 +39,7 @@ from clim_fast.training.checkpoint import (CheckpointWriter, capture_rng, check_
                                            load_model_state, prune_epoch_checkpoints, restore_rng, snapshot)
 from clim_fast.training.launch import Launch, plan_launch, spawn, user_errors_to
 from clim_fast.training.metrics import RunLog, ThroughputMeter, gpu_memory_gb
-from clim_fast.transfer import HostCopy
+from clim_fast.transfer import HostCopy, to_device
 from clim_fast.training.step import grad_scaler, train_step
 from dali_pipelines import PretrainLoader
 from dali_pipelines.epochs import check_batch
@@ -226,8 +226,9 @@ def train_worker(local_rank: int, launch: Launch, cfg: Config, data, out: Path, 
                                       round_record)
             if mining is not None:
                 mining.flush()  # the checkpoint names the table: it must be on disk first
-            if stopped:
-                last = save(**saving, epoch_file=False)
+            epoch_file = state.epoch > epoch and ((epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs)
+            if stopped:  # (a stop on the epoch's last step still writes its epoch file)
+                last = save(**saving, epoch_file=epoch_file)
                 finish_writes(writer)
                 log.write({"kind": "preempted", "epoch": state.epoch, "step": state.step,
                            "iteration": state.iteration, "signal": stop.signum, "checkpoint": str(last)})
@@ -235,7 +236,7 @@ def train_worker(local_rank: int, launch: Launch, cfg: Config, data, out: Path, 
                     print(f"stopped by signal {stop.signum}: saved {last}; continue with --resume auto",
                           file=sys.stderr)
                 return last
-            if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
+            if epoch_file:
                 last = save(**saving, epoch_file=True)
         finish_writes(writer)
         return last
@@ -263,11 +264,13 @@ def table_for_epoch(cfg: Config, epoch: int, state: RunState, data, mining, step
     """(the neighbour table `epoch` trains with, or None; its mining round's log record, or None).
     A refresh epoch mines a new table (unless resumed mid-epoch: the checkpoint names the table);
     the first epoch with positives in this process loads the run's table (or the initial one).
-    A new table goes to the loader, which uses it from `set_epoch(epoch)` on."""
+    A resumed run whose positives now start earlier than when it was saved has no table to load: it
+    mines one. A new table goes to the loader, which uses it from `set_epoch(epoch)` on."""
     record = None
-    if is_refresh_epoch(cfg, epoch) and state.step == 0:
+    active, stored = positives_active(cfg, epoch), state.table_path or cfg.init_table
+    if (is_refresh_epoch(cfg, epoch) and state.step == 0) or (active and table is None and not stored):
         table, path, record = mining(step_fn, epoch)
-    elif positives_active(cfg, epoch) and table is None:
+    elif active and table is None:
         path = run_path(state.table_path, out) if state.table_path else cfg.init_table
         table = load_table(path, data)
     else:
@@ -444,7 +447,7 @@ class StopFlag:
         if iteration % self.EVERY:
             return False
         decided = self._sum is not None and self._sum.values()["stop"] > 0  # summed EVERY steps ago: long done
-        total = dist.all_reduce_sum(torch.tensor([float(self.signum != 0)], device=self.device))
+        total = dist.all_reduce_sum(to_device(torch.tensor([float(self.signum != 0)]), self.device))  # not a blocking copy
         self._sum = HostCopy({"stop": total[0]})
         return decided
 
