@@ -39,16 +39,16 @@ class PerSample:
 class ListedJpegs:
     """The second baseline: a batch per call, but each JPEG column as a list (with its lengths)."""
 
-    def __init__(self, source, jpeg_columns):
-        self.source, self.jpeg_columns = source, jpeg_columns
+    def __init__(self, source):
+        self.source, self.columns = source, source.columns
 
     def __call__(self, batch_index):
-        from dali_pipelines.external import batch_range
+        from dali_pipelines.external import JPEG, batch_range
 
         samples = [self.source.sample(idx) for idx in batch_range(batch_index, self.source.local_batch)]
         out = []
-        for i, column in enumerate(zip(*samples)):
-            out += [list(column), np.array([[len(j)] for j in column], np.int32)] if i in self.jpeg_columns \
+        for (_, dtype), column in zip(self.columns, zip(*samples)):
+            out += [list(column), np.array([[len(j)] for j in column], np.int32)] if dtype is JPEG \
                 else [np.stack(column)]
         return tuple(out)
 
@@ -63,23 +63,24 @@ class FixedTables:
         return self.arrays
 
 
-def feed_seconds(source, streams: int, per_sample: bool, batch: int, workers: int, batches: int) -> float:
+def feed_seconds(source, per_sample: bool, batch: int, workers: int, batches: int) -> float:
     """CPU seconds of the main thread per batch (time.thread_time: waiting for the workers does
     not count, so the figure is the feeding work itself whatever the number of cores)."""
     from nvidia.dali import fn, pipeline_def
 
     import nvidia.dali.types as types
 
-    from dali_pipelines.pretrain import _SOURCE_DTYPES
+    from dali_pipelines.external import JPEG, batch_columns
 
     # a per-sample call returns the sample's outputs, without the JPEG lengths a batch adds
-    dtypes = [types.UINT8, types.FLOAT, types.INT32, types.INT64] if per_sample else _SOURCE_DTYPES
+    columns = source.columns if per_sample else batch_columns(source.columns)
+    dtypes = [types.to_dali_type(np.uint8 if dtype is JPEG else dtype) for _, dtype in columns]
     @pipeline_def(batch_size=batch, num_threads=1, device_id=None, py_num_workers=workers,
                   py_start_method="spawn", prefetch_queue_depth=2)
     def graph():
         return tuple(fn.external_source(source=PerSample(source) if per_sample else source,
-                                        num_outputs=len(dtypes) * streams, batch=not per_sample, parallel=True,
-                                        prefetch_queue_depth=2, dtype=dtypes * streams))
+                                        num_outputs=len(dtypes), batch=not per_sample, parallel=True,
+                                        prefetch_queue_depth=2, dtype=dtypes))
 
     pipe = graph()
     pipe.build()
@@ -118,10 +119,9 @@ def main() -> None:
             source = AugmentSource(ShardReader(ds), num_samples=ds.num_samples, global_batch=args.batch, rank=0,
                                    world_size=1, seed=0, start=0, anchor_views=views, positive_views=positives,
                                    tables=FixedTables(table) if positives else None)
-            streams = 1 + bool(positives)
-            per_sample = feed_seconds(source, streams, True, args.batch, args.workers, args.batches)
-            listed = feed_seconds(ListedJpegs(source, (0, 4)), streams, False, args.batch, args.workers, args.batches)
-            padded = feed_seconds(source, streams, False, args.batch, args.workers, args.batches)
+            per_sample = feed_seconds(source, True, args.batch, args.workers, args.batches)
+            listed = feed_seconds(ListedJpegs(source), False, args.batch, args.workers, args.batches)
+            padded = feed_seconds(source, False, args.batch, args.workers, args.batches)
             row = {"preset": name, "per_sample_call_us_per_sample": 1e6 * per_sample / args.batch,
                    "batch_call_listed_jpegs_us_per_sample": 1e6 * listed / args.batch,
                    "batch_call_padded_jpegs_us_per_sample": 1e6 * padded / args.batch,

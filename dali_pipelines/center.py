@@ -12,24 +12,20 @@ handed out (only ever at the end of a rank's last batch).
 from __future__ import annotations
 
 import torch
-import nvidia.dali.fn as fn
-import nvidia.dali.types as types
 from nvidia.dali import pipeline_def
 
 from dali_pipelines.epochs import PAD_ID, eval_share
 from dali_pipelines.external import IdListSource, ShardReader
 from dali_pipelines.loader import BatchStream, ClosedOnExit, Settings, as_dataset
-from dali_pipelines.ops import center_view, decode, jpeg_bytes, output, source_kwargs
+from dali_pipelines.ops import center_view, output, source_columns, source_image
 from shards.errors import UserError
 
 
 @pipeline_def
 def center_graph(source, image_size, settings):
-    jpeg, length, roi, meta = fn.external_source(source=source, num_outputs=4, batch=True,
-                                                 dtype=[types.UINT8, types.INT32, types.FLOAT, types.INT64],
-                                                 **source_kwargs(settings.parallel))
-    image = decode(jpeg_bytes(jpeg, length), settings)
-    return output(center_view(image, roi, image_size, settings.dali_dtype), settings), output(meta, settings)
+    c = source_columns(source, settings)
+    image = source_image(c, "jpeg", settings)
+    return output(center_view(image, c["roi"], image_size, settings.dali_dtype), settings), output(c["meta"], settings)
 
 
 class FeatureLoader(ClosedOnExit):

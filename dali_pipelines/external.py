@@ -152,6 +152,26 @@ def batch_range(batch_index: int, local_batch: int) -> range:
 
 PAD_SLACK = 16 * 1024  # bytes of padding a JPEG may cost on average before a list is cheaper
 
+# What each source hands DALI per sample, column by column (name, dtype), written once: the graphs
+# build their external source from it (`ops.source_columns`). A JPEG column goes as two in a batch:
+# its bytes and their lengths (`batch_columns`, `jpeg_batch`).
+class JPEG:
+    """The dtype of a JPEG column (a class: it pickles by name, so `is` holds in the workers)."""
+
+
+ANCHOR_COLUMNS = (("jpeg", JPEG), ("params", np.float32), ("flips", np.int32), ("meta", np.int64))  # meta: id, label
+POSITIVE_COLUMNS = (("pos_jpeg", JPEG), ("pos_params", np.float32), ("pos_flips", np.int32), ("pos_id", np.int64))
+CENTER_COLUMNS = (("jpeg", JPEG), ("roi", np.float32), ("meta", np.int64))
+
+
+def batch_columns(columns) -> tuple[tuple[str, type], ...]:
+    """A source's columns as its batches have them: each JPEG column as bytes (uint8) and lengths
+    (int32, named `<column>_length`)."""
+    out = []
+    for name, dtype in columns:
+        out += [(name, np.uint8), (f"{name}_length", np.int32)] if dtype is JPEG else [(name, dtype)]
+    return tuple(out)
+
 
 def jpeg_batch(jpegs: list[np.ndarray]) -> tuple:
     """A batch of JPEG byte strings as DALI takes them cheapest, and their lengths (int32 [B, 1];
@@ -171,21 +191,21 @@ def jpeg_batch(jpegs: list[np.ndarray]) -> tuple:
     return padded, lengths
 
 
-def stack_batch(samples: list[tuple], jpegs: tuple[int, ...]) -> tuple:
-    """Per-sample output tuples -> the batch's outputs: each JPEG column becomes two (`jpeg_batch`:
-    the bytes and their lengths), every other column one stacked array."""
+def stack_batch(samples: list[tuple], columns) -> tuple:
+    """Per-sample tuples laid out as `columns` -> the batch's outputs (`batch_columns`): each JPEG
+    column becomes two (`jpeg_batch`), every other column one stacked array of its dtype."""
     out = []
-    for i, column in enumerate(zip(*samples)):
-        out += jpeg_batch(column) if i in jpegs else (np.stack(column),)
+    for (_, dtype), column in zip(columns, zip(*samples), strict=True):
+        out += jpeg_batch(column) if dtype is JPEG else (np.stack(column).astype(dtype, copy=False),)
     return tuple(out)
 
 
 class AugmentSource:
     """Anchor (and, with a table, positive) JPEG bytes plus the parameters of every view.
 
-    Outputs per sample (`sample`): anchor jpeg uint8[n], anchor params float32[Va, 9], anchor flips
-    int32[Va], meta int64[2] (id, label); with positive views also positive jpeg, params, flips and
-    pos_id int64[1]. A batch (`__call__`) has each jpeg followed by its length (`stack_batch`).
+    Outputs per sample (`sample`, laid out as `columns`): anchor jpeg, params [Va, 9], flips [Va],
+    meta (id, label); with positive views also the positive's jpeg, params, flips and pos_id [1].
+    A batch (`__call__`) has each jpeg followed by its length (`stack_batch`).
     Every draw is seeded by (seed, epoch, anchor id, stream).
 
     Sample `idx` of the stream is position `(start + idx) % share_len` of epoch
@@ -203,6 +223,7 @@ class AugmentSource:
         self.rank, self.world_size, self.seed, self.start = rank, world_size, seed, start
         self.share_len = steps_per_epoch(num_samples, global_batch) * self.local_batch
         self.anchor_views, self.positive_views, self.tables = anchor_views, positive_views, tables
+        self.columns = ANCHOR_COLUMNS + (POSITIVE_COLUMNS if positive_views else ())
         self._share, self._share_epoch, self._rngs = None, None, None
 
     def __getstate__(self):
@@ -251,7 +272,7 @@ class AugmentSource:
 
     def __call__(self, batch_index: int):
         """Batch `batch_index` of the stream: per jpeg its batch and lengths, parameters stacked."""
-        return stack_batch([self.sample(idx) for idx in batch_range(batch_index, self.local_batch)], jpegs=(0, 4))
+        return stack_batch([self.sample(idx) for idx in batch_range(batch_index, self.local_batch)], self.columns)
 
     def sample(self, idx: int):
         """Stream sample `idx`: the outputs listed in the class docstring."""
@@ -268,9 +289,11 @@ class AugmentSource:
 
 
 class IdListSource:
-    """A fixed id list (an `eval_share`) read over and over: jpeg uint8[n], centre-crop ROI
-    float32[4], meta int64[2] (id or PAD_ID, label) per sample; a batch has the jpeg's lengths
-    after it. Padding slots repeat sample 0 (dropped on the torch side)."""
+    """A fixed id list (an `eval_share`) read over and over: jpeg, centre-crop ROI [4], meta (id or
+    PAD_ID, label) per sample (`CENTER_COLUMNS`); a batch has the jpeg's lengths after it. Padding
+    slots repeat sample 0 (dropped on the torch side)."""
+
+    columns = CENTER_COLUMNS
 
     def __init__(self, reader: ShardReader, ids: np.ndarray, image_size: int, local_batch: int):
         self.reader = reader
@@ -281,7 +304,7 @@ class IdListSource:
         return [int(self.ids[idx % len(self.ids)]) for idx in range(lo, hi)]
 
     def __call__(self, batch_index: int):
-        return stack_batch([self.sample(idx) for idx in batch_range(batch_index, self.local_batch)], jpegs=(0,))
+        return stack_batch([self.sample(idx) for idx in batch_range(batch_index, self.local_batch)], self.columns)
 
     def sample(self, idx: int):
         sid = int(self.ids[idx % len(self.ids)])

@@ -13,6 +13,7 @@ import nvidia.dali.fn as fn
 import nvidia.dali.types as types
 
 from dali_pipelines.augment import BLUR_SIGMA, BRIGHTNESS, CONTRAST, HUE_DEG, SATURATION, ViewSpec
+from dali_pipelines.external import batch_columns
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -25,6 +26,20 @@ def source_kwargs(parallel: bool) -> dict:
     """external_source arguments for a batch source: in the worker processes, two batches at a
     time (each batch is one worker's)."""
     return dict(parallel=True, prefetch_queue_depth=2) if parallel else dict(parallel=False)
+
+
+def source_columns(source, settings) -> dict:
+    """The external-source node of a batch source (`external.AugmentSource`, `IdListSource`): its
+    outputs by column name, each with the dtype its `columns` give."""
+    names, dtypes = zip(*batch_columns(source.columns))
+    outs = fn.external_source(source=source, num_outputs=len(names), batch=True,
+                              dtype=[types.to_dali_type(d) for d in dtypes], **source_kwargs(settings.parallel))
+    return dict(zip(names, outs))
+
+
+def source_image(columns: dict, name: str, settings):
+    """The decoded image of the source's JPEG column `name`."""
+    return decode(jpeg_bytes(columns[name], columns[f"{name}_length"]), settings)
 
 
 def jpeg_bytes(jpegs, lengths):

@@ -13,17 +13,13 @@ from typing import Callable
 
 import numpy as np
 import torch
-import nvidia.dali.fn as fn
-import nvidia.dali.types as types
 from nvidia.dali import pipeline_def
 
 from dali_pipelines.augment import MOCO_SCALE, ViewSpec, moco_views
 from dali_pipelines.external import AugmentSource, TableBook, epoch_pointer, publish_table
 from dali_pipelines.loader import BatchStream, EpochLoader, Scratch
 from dali_pipelines.names import anchor_view_names, positive_view_names
-from dali_pipelines.ops import augmented_view, decode, jpeg_bytes, output, source_kwargs
-
-_SOURCE_DTYPES = [types.UINT8, types.INT32, types.FLOAT, types.INT32, types.INT64]  # AugmentSource's batch
+from dali_pipelines.ops import augmented_view, output, source_columns, source_image
 
 
 @pipeline_def(enable_conditionals=True)
@@ -31,19 +27,16 @@ def augment_graph(source, anchor_views, positive_views, settings):
     """Outputs: one per anchor view, `meta` (id, label); then one per positive view and `pos_id`.
     `settings` (`loader.Settings`): where each stage runs, the output dtype, parallel workers. On
     the GPU every output is a GPU tensor (the small int64 ones are copied by DALI)."""
-    streams = 1 + bool(positive_views)
-    outs = fn.external_source(source=source, num_outputs=len(_SOURCE_DTYPES) * streams, batch=True,
-                              dtype=_SOURCE_DTYPES * streams, **source_kwargs(settings.parallel))
-    jpeg, length, params, flips, meta = outs[:5]
-    image = decode(jpeg_bytes(jpeg, length), settings)
-    result = [augmented_view(image, params, flips, v, spec, settings.dali_dtype) for v, spec in enumerate(anchor_views)]
-    result.append(meta)
+    c = source_columns(source, settings)
+    image = source_image(c, "jpeg", settings)
+    result = [augmented_view(image, c["params"], c["flips"], v, spec, settings.dali_dtype)
+              for v, spec in enumerate(anchor_views)]
+    result.append(c["meta"])
     if positive_views:
-        pjpeg, plength, pparams, pflips, pos_id = outs[5:]
-        pimage = decode(jpeg_bytes(pjpeg, plength), settings)
-        result += [augmented_view(pimage, pparams, pflips, v, spec, settings.dali_dtype)
+        pimage = source_image(c, "pos_jpeg", settings)
+        result += [augmented_view(pimage, c["pos_params"], c["pos_flips"], v, spec, settings.dali_dtype)
                    for v, spec in enumerate(positive_views)]
-        result.append(pos_id)
+        result.append(c["pos_id"])
     return tuple(output(node, settings) for node in result)
 
 

@@ -355,14 +355,25 @@ def test_listed_jpegs_give_the_padded_batches(dataset, table, monkeypatch):
 
 # --- where each stage of a GPU graph runs (defined, not built: no GPU needed) --------------------
 
-def gpu_graph_placement(graph, *args, **settings_kwargs):
-    """(operator name -> devices, output devices) of `graph` defined for a GPU pipeline. Uses DALI's
-    graph definition step (`Pipeline._build_graph`), which needs no device."""
+class DeclaredColumns:
+    """A source that only declares its columns: the graph is defined, never run."""
+
+    def __init__(self, columns):
+        self.columns = columns
+
+    def __call__(self, batch_index):
+        raise AssertionError("not run")
+
+
+def gpu_graph_placement(graph, columns, *args, **settings_kwargs):
+    """(operator name -> devices, output devices) of `graph` over a source with `columns`, defined
+    for a GPU pipeline. Uses DALI's graph definition step (`Pipeline._build_graph`), which needs no
+    device."""
     from dali_pipelines.loader import Settings
 
     settings = Settings("cpu", torch.float16, 0, 1, **settings_kwargs)
     settings.gpu = True  # as a CUDA device would set it; the pipeline below is only defined
-    pipe = graph(lambda info: None, *args, settings, batch_size=2, num_threads=1, device_id=None)
+    pipe = graph(DeclaredColumns(columns), *args, settings, batch_size=2, num_threads=1, device_id=None)
     pipe._build_graph()
     devices = {}
     for op in pipe._ops:
@@ -381,10 +392,12 @@ VIEW_OPS = ("Resize", "ColorTwist", "GaussianBlur", "CropMirrorNormalize")
 ])
 def test_gpu_graphs_run_each_stage_where_the_settings_say(cpu_decode, cpu_views, decoder, views):
     from dali_pipelines.center import center_graph
+    from dali_pipelines.external import ANCHOR_COLUMNS, CENTER_COLUMNS, POSITIVE_COLUMNS
     from dali_pipelines.pretrain import augment_graph
 
-    for graph, args in ((augment_graph, (moco_views(SIZE, (16,)), moco_views(SIZE))), (center_graph, (SIZE,))):
-        devices, outputs = gpu_graph_placement(graph, *args, cpu_decode=cpu_decode, cpu_views=cpu_views)
+    for graph, columns, args in ((augment_graph, ANCHOR_COLUMNS + POSITIVE_COLUMNS, (moco_views(SIZE, (16,)), moco_views(SIZE))),
+                                 (center_graph, CENTER_COLUMNS, (SIZE,))):
+        devices, outputs = gpu_graph_placement(graph, columns, *args, cpu_decode=cpu_decode, cpu_views=cpu_views)
         assert outputs == {"gpu"}  # every output of a GPU pipeline is handed out on the GPU
         assert devices["decoders__Image"] == {decoder}
         assert devices["Slice"] == {"cpu"}  # the padded JPEGs are cut before the decoder
@@ -467,15 +480,17 @@ def test_bfloat16_output_is_the_float32_batch_cast_down(dataset):
 @pytest.mark.parametrize("positives, decoders", [(False, 1), (True, 2)])
 def test_each_jpeg_is_decoded_once_however_many_views(positives, decoders):
     """One decoder per JPEG stream (anchor, positive), whatever the number of multi-resolution views."""
+    from dali_pipelines.external import ANCHOR_COLUMNS, POSITIVE_COLUMNS
     from dali_pipelines.pretrain import augment_graph
 
     views = moco_views(SIZE, (24, 16, 8))  # q, k and three smaller queries
+    source = DeclaredColumns(ANCHOR_COLUMNS + (POSITIVE_COLUMNS if positives else ()))
     counts = {}
     for placement in ({}, {"cpu_views": True}):
         from dali_pipelines.loader import Settings
 
         settings = Settings("cpu", torch.float32, 0, 1, **placement)
-        pipe = augment_graph(lambda info: None, views, views if positives else (), settings, batch_size=2,
+        pipe = augment_graph(source, views, views if positives else (), settings, batch_size=2,
                              num_threads=1, device_id=None)
         pipe._build_graph()
         counts[str(placement)] = sum(getattr(op._op, "schema_name", "") == "decoders__Image" for op in pipe._ops)

@@ -104,9 +104,9 @@ def test_a_stop_on_an_epochs_last_step_still_writes_that_epochs_file(tmp_path):
 def test_tensorboard_logging_writes_events_or_names_the_missing_extra(tmp_path):
     from clim_fast.training.metrics import RunLog
 
-    try:
-        import tensorboard  # noqa: F401  (the optional extra)
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:  # the optional extra
         with pytest.raises(UserError, match=r"pip install 'clim-fast\[tensorboard\]'"):
             RunLog(tmp_path, tensorboard=True)
         return
