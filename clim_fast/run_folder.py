@@ -12,6 +12,7 @@ taken), `checkpoint_written` (on disk), `preempted`.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 CONFIG, LOG, CHECKPOINTS, TABLES, TENSORBOARD = "config.json", "log.jsonl", "checkpoints", "tables", "tensorboard"
@@ -32,6 +33,22 @@ def checkpoint_folder(run: str | Path) -> Path:
 
 def last_checkpoint(run: str | Path) -> Path:
     return checkpoint_folder(run) / "last.pt"
+
+
+def epoch_checkpoint(run: str | Path, completed_epochs: int) -> Path:
+    return checkpoint_folder(run) / f"epoch-{completed_epochs:04d}.pt"
+
+
+_EPOCH_CHECKPOINT = re.compile(r"^epoch-(\d+)\.pt$")
+
+
+def epoch_checkpoints(run: str | Path) -> list[Path]:
+    """The run's epoch-XXXX.pt files, oldest first."""
+    folder = checkpoint_folder(run)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _EPOCH_CHECKPOINT.match(p.name))]
+    return [p for _, p in sorted(found)]
 
 
 def table_path(run: str | Path, epoch: int) -> Path:

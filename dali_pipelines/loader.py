@@ -119,12 +119,13 @@ class BatchStream:
     `first_step` numbers the stream's first batch in the loader's own step count (epoch x steps +
     step for the epoch loaders); `next_step` is the number of the batch `next()` returns.
     `source.sample_ids(lo, hi)` lists the sample ids behind stream samples lo..hi-1 (for error messages).
+    `built_for`: what the owner built it for (the pretrain loader: whether it reads positives).
     """
 
     def __init__(self, pipe, names, settings: Settings, *, first_step: int, depth: int, source, local_batch: int,
-                 dataset, key=None):
+                 dataset, built_for=None):
         self.pipe, self.names, self.settings = pipe, tuple(names), settings
-        self.first_step, self.depth, self.key = first_step, depth, key
+        self.first_step, self.depth, self.built_for = first_step, depth, built_for
         self.source, self.local_batch, self.dataset = source, local_batch, dataset
         self._fed = self._taken = 0
         self.broken = False

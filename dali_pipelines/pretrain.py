@@ -157,7 +157,7 @@ class PretrainLoader(EpochLoader):
         target = epoch * self.steps + step
         positives = self._table is not None
         stream = self._stream
-        keep = (stream is not None and not stream.broken and stream.key == positives
+        keep = (stream is not None and not stream.broken and stream.built_for == positives
                 and stream.next_step == target
                 and stream.depth >= min(2, self.steps - step)  # a stream resumed at an epoch's last step ran at 1
                 and (not positives or self._published.get(epoch, self._table_folder) == self._table_folder))
@@ -193,7 +193,7 @@ class PretrainLoader(EpochLoader):
             names += positive_view_names(sizes) + ["pos_id"]
             self._publish(epoch)  # before the first feed
         return BatchStream(pipe, names, s, first_step=epoch * self.steps + step, depth=depth, source=source,
-                           local_batch=self.local_batch, dataset=self.dataset, key=bool(positive_views))
+                           local_batch=self.local_batch, dataset=self.dataset, built_for=bool(positive_views))
 
     def _drop_stream(self) -> None:
         if self._pointers is not None:  # first, so that workers waiting for a table there give up

@@ -1029,7 +1029,7 @@ def test_too_little_data_for_mining_or_class_similarity_is_one_line(checkpoint, 
              "--out", tmp_path / "e", "--device", "cpu")
     single = make_photo_folder(tmp_path / "single", classes=1, per_class=1, seed=4)
     write_shards(single, tmp_path / "single-shards", maxcount=16)
-    with pytest.raises(UserError, match=r"^--preset clim: 1 sample\(s\); mining positives needs at least 2$"):
+    with pytest.raises(UserError, match=r"^--shards \(mix=cutmix mines positives\): 1 sample\(s\); mining positives needs at least 2$"):
         _cli("train", "--shards", tmp_path / "single-shards", "--out", tmp_path / "run", "--gpus", "0", "--preset",
              "clim", "--batch-size", "1", "--set", "queue_size=2")
     assert not (tmp_path / "run" / "config.json").exists()

@@ -32,7 +32,7 @@ from dali_pipelines import FeatureLoader
 # The parts of a round's cost in its log record, up to the first training batch on its table
 # (`pickup_s`, added by the loop); `feature_first_batch_s` is inside `feature_s`.
 ROUND_PARTS = ("feature_s", "kmeans_s", "knn_s", "select_s", "exchange_s", "pickup_s")
-FEATURE_BATCH_PER_RANK = 256  # the feature pass's batch a rank at the least (as `clim-fast mine`'s default)
+FEATURE_BATCH_PER_RANK = 256  # the feature pass's batch a rank at the least (`clim-fast mine`'s default is 256 in all)
 
 
 def positives_active(cfg, epoch: int) -> bool:

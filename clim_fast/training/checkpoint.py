@@ -25,17 +25,12 @@ from clim_fast import run_folder
 from clim_fast.config import Config
 from clim_fast.method.moco import MoCo
 from shards.errors import UserError
+from shards.format import MANIFEST
 from shards.atomic import atomic_write_bytes, check_output_file
 
 CHECKPOINT_FORMAT = 1
 REQUIRED_KEYS = ("model", "config", "epoch")
-EPOCH_FILE = re.compile(r"^epoch-(\d+)\.pt$")
-
-
-def epoch_checkpoint_name(completed_epochs: int) -> str:
-    return f"epoch-{completed_epochs:04d}.pt"
-
-
+RESUME_SEARCHES = ("auto", "fresh")  # --resume values that search RUN (any other value is a checkpoint path)
 def save_checkpoint(state: dict, *paths: str | Path) -> None:
     """Serialise once, write each path atomically (temp file, fsync, rename)."""
     buf = io.BytesIO()
@@ -190,12 +185,8 @@ def load_model_state(model: torch.nn.Module, state: dict, where) -> None:
 
 def checkpoint_files(run_dir: str | Path) -> list[Path]:
     """The checkpoint files of a run, newest first: last.pt, then epoch-XXXX.pt by epoch, descending."""
-    folder = run_folder.checkpoint_folder(run_dir)
-    if not folder.is_dir():
-        return []
-    epochs = sorted((p for p in folder.iterdir() if EPOCH_FILE.match(p.name)),
-                    key=lambda p: int(EPOCH_FILE.match(p.name).group(1)), reverse=True)
-    return [p for p in (run_folder.last_checkpoint(run_dir), *epochs) if p.exists()]
+    return [p for p in (run_folder.last_checkpoint(run_dir), *reversed(run_folder.epoch_checkpoints(run_dir)))
+            if p.exists()]
 
 
 def find_resume_checkpoint(run_dir: str | Path, *, allow_broken: bool = False,
@@ -226,7 +217,7 @@ def find_resume_checkpoint(run_dir: str | Path, *, allow_broken: bool = False,
     if allow_broken:
         return None
     names = ", ".join(p.name for p, _ in problems)
-    raise UserError(f"{Path(run_dir) / 'checkpoints'}: none of its {len(problems)} checkpoint file(s) loads "
+    raise UserError(f"{run_folder.checkpoint_folder(run_dir)}: none of its {len(problems)} checkpoint file(s) loads "
                     f"({names}); nothing was overwritten. To start over, move them away or pass --resume fresh")
 
 
@@ -237,7 +228,7 @@ def resumed_config(resume, run_dir: str | Path) -> Config | None:
     saved = run_folder.config_path(run_dir)
     if saved.is_file():
         return Config.load(saved)
-    if str(resume) in ("auto", "fresh"):
+    if str(resume) in RESUME_SEARCHES:
         found = find_resume_checkpoint(run_dir, allow_broken=True, warn=lambda message: None)
     else:
         found = (Path(resume), load_checkpoint(resume))
@@ -261,7 +252,7 @@ def check_fresh_run_folder(run_dir: str | Path) -> None:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return
-    if (run_dir / "manifest.json").exists():
+    if (run_dir / MANIFEST).exists():
         raise UserError(f"--out {run_dir}: is a shard folder; choose another folder for the run")
     found = [name for name in run_folder.ENTRIES if (run_dir / name).exists()
              and not ((run_dir / name).is_dir() and not any((run_dir / name).iterdir()))]
@@ -270,13 +261,11 @@ def check_fresh_run_folder(run_dir: str | Path) -> None:
                         "it, or choose another folder (nothing was changed)")
 
 
-def prune_epoch_checkpoints(folder: str | Path, keep: int) -> None:
+def prune_epoch_checkpoints(run_dir: str | Path, keep: int) -> None:
     """Delete all but the `keep` newest epoch-XXXX.pt files (keep <= 0: keep all)."""
     if keep <= 0:
         return
-    epochs = sorted((p for p in Path(folder).iterdir() if EPOCH_FILE.match(p.name)),
-                    key=lambda p: int(EPOCH_FILE.match(p.name).group(1)))
-    for old in epochs[:-keep]:
+    for old in run_folder.epoch_checkpoints(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
 
 

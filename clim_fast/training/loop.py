@@ -35,7 +35,7 @@ from clim_fast.progress import PassProgress
 from clim_fast.mining.rounds import ROUND_PARTS, OnlineMining, is_refresh_epoch, positives_active
 from clim_fast.mining.select import check_minable
 from clim_fast.training.checkpoint import (CheckpointWriter, capture_rng, check_fresh_run_folder,
-                                           epoch_checkpoint_name, find_resume_checkpoint, load_checkpoint,
+                                           RESUME_SEARCHES, find_resume_checkpoint, load_checkpoint,
                                            load_model_state, prune_epoch_checkpoints, restore_rng, snapshot)
 from clim_fast.training.launch import Launch, plan_launch, spawn, user_errors_to
 from clim_fast.training.metrics import RunLog, ThroughputMeter, gpu_memory_gb
@@ -123,7 +123,7 @@ def run_training(cfg: Config, shards, out: str | Path, *, gpus: int = 0, cpu_pro
                          master_addr=master_addr, master_port=master_port, share_gpu=share_gpu)
     check_batch(data.num_samples, cfg.batch_size, launch.world_size)
     if cfg.uses_positives:
-        check_minable(data.num_samples, f"--preset {cfg.preset}")
+        check_minable(data.num_samples, f"--shards (mix={cfg.mix} mines positives)")
     if cfg.init_table:
         load_table(cfg.init_table, data)
     if out.exists() and not out.is_dir():
@@ -153,7 +153,7 @@ def resolve_resume(resume, out: Path, cfg: Config, data) -> tuple[Path | None, i
     UserError otherwise, and for a finished checkpoint resumed into another folder than its own."""
     if is_fresh_start(resume):
         return None, 0
-    if str(resume) in ("auto", "fresh"):
+    if str(resume) in RESUME_SEARCHES:
         found = find_resume_checkpoint(out, allow_broken=str(resume) == "fresh")
         if found is None:
             print(f"--resume {resume}: no checkpoint in {out}, starting fresh", file=sys.stderr)
@@ -374,7 +374,6 @@ def save(out: Path, model: CLIM, optimizer, scaler, state: RunState, cfg: Config
     record follows once the file is on disk (`write_s`), so a log never claims a file a kill cut short."""
     rngs = dist.all_gather_object(capture_rng(model.generators()))
     last = last_checkpoint(out)
-    folder = last.parent
     if dist.get_rank() == 0:
         t0 = time.perf_counter()
         failed = writer.wait()  # the previous write (long done, unless checkpoints come faster than writes)
@@ -382,7 +381,7 @@ def save(out: Path, model: CLIM, optimizer, scaler, state: RunState, cfg: Config
                          "scaler": scaler.state_dict(), "config": cfg.to_dict(), **asdict(state), "rng": rngs,
                          "dataset_id": data.dataset_id, "num_samples": data.num_samples,
                          "world_size": dist.get_world_size()})
-        paths = [folder / epoch_checkpoint_name(state.epoch), last] if epoch_file else [last]
+        paths = [run_folder.epoch_checkpoint(out, state.epoch), last] if epoch_file else [last]
         record = {"epoch": state.epoch, "step": state.step, "path": str(paths[0])}
         log.write({"kind": "checkpoint", **record, "blocking_s": time.perf_counter() - t0})
         started = time.perf_counter()
@@ -392,7 +391,7 @@ def save(out: Path, model: CLIM, optimizer, scaler, state: RunState, cfg: Config
                 log.write({"kind": "checkpoint_written", **record, "write_s": time.perf_counter() - started})
             finally:
                 if epoch_file:
-                    prune_epoch_checkpoints(folder, cfg.keep_checkpoints)
+                    prune_epoch_checkpoints(out, cfg.keep_checkpoints)
 
         writer.write(ckpt, *paths, then=written)  # (nothing to wait for: returns None)
     else:
