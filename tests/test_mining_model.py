@@ -127,6 +127,9 @@ def test_label_purity_above_chance_on_photos(photo_features):
     assert stats["label_purity"] > 0.5, stats
 
 
+ORIGIN = ("dataset_id", "num_samples", "epoch", "feature", "arch", "image_size", "seed")  # a mined table's meta
+
+
 def test_refresh_changes_the_positives_the_pipeline_serves(shard_dir, tmp_path):
     from dali_pipelines import PretrainLoader
     from shards import ShardDataset
@@ -144,6 +147,9 @@ def test_refresh_changes_the_positives_the_pipeline_serves(shard_dir, tmp_path):
         np.testing.assert_array_equal(saved.positives, table.positives)
         saved.check_matches(ShardDataset(shard_dir).dataset_id, 48)
         assert saved.meta["clusters"] == 12 and saved.meta["k"] == 40 and saved.meta["warnings"]
+        assert {key: saved.meta[key] for key in ORIGIN} == dict(
+            dataset_id=ShardDataset(shard_dir).dataset_id, num_samples=48, epoch=saved.meta["epoch"],
+            feature=cfg.mine_feature, arch=cfg.arch, image_size=cfg.image_size, seed=cfg.seed + saved.meta["epoch"])
     assert not np.array_equal(table1.positives, table2.positives)
     assert [(r["kind"], r["epoch"]) for r in (record1, record2)] == [("mine", 1), ("mine", 2)]
     for part in ("feature_s", "kmeans_s", "knn_s", "select_s", "exchange_s"):
@@ -179,6 +185,7 @@ def test_mine_command_writes_a_matching_table(shard_dir, checkpoint, tmp_path):
     table = NeighbourTable.load(out)
     table.check_matches(ShardDataset(shard_dir).dataset_id, 48)
     assert table.meta["epoch"] == 3 and table.meta["feature"] == "backbone" and table.meta["checkpoint"] == str(checkpoint)
+    assert set(ORIGIN) <= set(table.meta) and table.meta["seed"] == 3 + tiny_config().seed  # as an online round's
     assert stats["clusters"] == 6 and stats["k"] == 5 and stats["engine"] == "torch"
     assert table.positives.shape == (48, 5)
     assert "features: 48/48 (" in result.stderr and "ETA" in result.stderr  # the feature pass's progress line

@@ -18,7 +18,7 @@ from clim_fast.features import extract_features, momentum_features
 from clim_fast.machine import synchronize
 from clim_fast.mining.kmeans import kmeans_faiss, kmeans_torch
 from clim_fast.mining.knn import faiss_gpu_device, knn_faiss, knn_torch
-from clim_fast.mining.select import check_sizes, select_positives, table_stats
+from clim_fast.mining.select import check_sizes, round_seed, select_positives, table_origin, table_stats
 from dali_pipelines import FeatureLoader
 from shards.errors import UserError
 from shards.neighbours import NeighbourTable
@@ -94,8 +94,7 @@ def mine_from_model(model, cfg, dataset, *, device: torch.device, clusters: int,
                                          dataset.num_samples, progress="features" if progress else None)
     finally:
         loader.close()
-    meta = dict(dataset_id=dataset.dataset_id, epoch=int(epoch), feature=cfg.mine_feature, checkpoint=str(checkpoint),
-                arch=cfg.arch, image_size=cfg.image_size)
+    meta = table_origin(cfg, dataset, epoch, checkpoint=str(checkpoint))
     has_labels = labels is not None and (labels >= 0).all()
-    return mine_table(feats, clusters=clusters, k=k, engine=engine, seed=cfg.seed + epoch,
+    return mine_table(feats, clusters=clusters, k=k, engine=engine, seed=round_seed(cfg, epoch),
                       labels=labels if has_labels else None, meta=meta, device=device)

@@ -24,7 +24,7 @@ from clim_fast import run_folder
 from clim_fast.data import loader_options
 from clim_fast.features import agree_width, check_coverage, encode_share, momentum_features
 from clim_fast.machine import synchronize
-from clim_fast.mining.select import clamp_sizes, format_stats, table_stats
+from clim_fast.mining.select import clamp_sizes, format_stats, round_seed, table_origin, table_stats
 from clim_fast.mining.sharded import block_search, mine_round
 from dali_pipelines import FeatureLoader
 
@@ -79,13 +79,12 @@ class OnlineMining:
         feats, ids, labels, feature_timings = self._features(model)
         table, fallback, nearest, all_labels, timings = mine_round(
             feats.to(self.device), ids, labels, n, clusters=clusters, k=k,
-            seed=cfg.seed + epoch, search=block_search(engine))
+            seed=round_seed(cfg, epoch), search=block_search(engine))
         del feats
         if self.device.type == "cuda":  # hand the search blocks' cache back to training
             torch.cuda.empty_cache()
-        table.meta = dict(dataset_id=self.dataset.dataset_id, num_samples=n, epoch=int(epoch), feature=cfg.mine_feature,
-                          checkpoint="", arch=cfg.arch, image_size=cfg.image_size, clusters=int(clusters), k=int(k),
-                          engine=engine, seed=cfg.seed + epoch, world_size=self.world, warnings=warnings)
+        table.meta = table_origin(cfg, self.dataset, epoch, checkpoint="", clusters=int(clusters), k=int(k),
+                                  engine=engine, world_size=self.world, warnings=warnings)
         stats = table_stats(table, fallback, clusters, all_labels, nearest)
         table.meta["stats"] = stats
         path = run_folder.table_path(self.run_dir, epoch)

@@ -14,6 +14,18 @@ from shards.errors import UserError
 from shards.neighbours import NeighbourTable
 
 
+def round_seed(cfg, epoch: int) -> int:
+    """The K-means seed of the mining round at `epoch` (online rounds and `clim-fast mine` alike)."""
+    return cfg.seed + int(epoch)
+
+
+def table_origin(cfg, dataset, epoch: int, **more) -> dict:
+    """What a mined table records of where it came from (its `meta`), online and offline alike."""
+    return dict(dataset_id=dataset.dataset_id, num_samples=dataset.num_samples, epoch=int(epoch),
+                feature=cfg.mine_feature, arch=cfg.arch, image_size=cfg.image_size, seed=round_seed(cfg, epoch),
+                **more)
+
+
 def check_minable(num_samples: int, where) -> None:
     """A positive is another image: mining needs two samples at the least."""
     if num_samples < 2:
