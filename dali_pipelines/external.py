@@ -60,8 +60,8 @@ class ShardReader:
     def __setstate__(self, state):
         parent = state.pop("_pickled_by", None)
         self.__dict__.update(state)
-        if parent is not None and parent != os.getpid():  # in a DALI worker: never outlive the loader's process
-            exit_with_parent(parent)
+        # in a DALI worker: never outlive the loader's process, and leave stopping to it
+        if parent is not None and parent != os.getpid() and exit_with_parent(parent):
             leave_stops_to_parent()
 
     def _open(self):

@@ -22,8 +22,10 @@ finaliser, which stops the worker processes (`BatchStream.close`).
 from __future__ import annotations
 
 import collections
+import contextlib
 import gc
 import io
+import multiprocessing.process
 import re
 import shutil
 import tempfile
@@ -99,6 +101,21 @@ class Settings:
         return named
 
 
+@contextlib.contextmanager
+def terminate_is_kill():
+    """DALI ends its source workers with terminate() (SIGTERM) when a pool fails to start, loses a
+    worker or closes with one still busy; our workers ignore SIGTERM (they leave stopping to the
+    training process: `shards.processes.leave_stops_to_parent`), so their ends are kills: here while
+    a pipeline builds its pool, and per process for the pool's life (`BatchStream`)."""
+    base = multiprocessing.process.BaseProcess
+    terminate = base.terminate
+    base.terminate = base.kill
+    try:
+        yield
+    finally:
+        base.terminate = terminate
+
+
 def to_torch(tensor_list, device: torch.device) -> torch.Tensor:
     """A DALI batch as a torch tensor without a copy (DLPack). The graphs move every output of a GPU
     pipeline to the GPU themselves (`ops.output`), so no host buffer that the next run may reuse is
@@ -132,13 +149,13 @@ class BatchStream:
         self._last = None  # the DALI outputs behind the batch handed out last
         self._held = collections.deque()  # (event, outputs) the GPU may still be reading
         try:
-            pipe.build()
+            with terminate_is_kill():
+                pipe.build()
         except Exception:
             self.close()
             raise
-        for process in getattr(getattr(pipe, "_py_pool", None), "_processes", ()):
-            # DALI ends the workers of a pool that lost one with terminate(): SIGTERM, which the
-            # workers defer (shards.processes.leave_stops_to_parent); SIGKILL ends them at once
+        pool = pipe._py_pool  # None without parallel source workers
+        for process in (pool.pool._processes if pool is not None else ()):
             process.terminate = process.kill
 
     @property
@@ -249,8 +266,8 @@ def failure_message(dataset, ids, error: BaseException) -> str:
     that PIL cannot decode either, else all of them with DALI's own error line."""
     text = str(error)
     if any(sign in text for sign in _WORKERS_GONE):
-        return ("DALI's source worker processes stopped (killed from outside: a signal to them, the "
-                "out-of-memory killer?); the data was not at fault")
+        return ("DALI's source worker processes stopped (killed from outside, out of memory, or a shard file "
+                "changed while in use?) before any sample was found damaged")
     bad = sorted({int(n) for n in re.findall(rf"sample (\d+): {re.escape(NOT_A_JPEG)}", text)})
     bad = bad or undecodable(dataset, ids)
     if bad:

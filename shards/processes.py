@@ -9,7 +9,6 @@ import signal
 import sys
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
-STOP_GRACE_S = 30  # a stop takes 10-20 steps; a scheduler's SIGKILL follows its SIGTERM after 30 s (SLURM's KillWait)
 
 
 def set_parent_death_signal(sig: int) -> bool:
@@ -26,24 +25,25 @@ def set_parent_death_signal(sig: int) -> bool:
         return False
 
 
-def exit_with_parent(parent_pid: int) -> None:
+def exit_with_parent(parent_pid: int) -> bool:
     """In a child of `parent_pid`: be killed when it exits; exit now if it already has. Anywhere
-    else (not a direct child): nothing."""
+    else (not a direct child): nothing (False)."""
     if os.getppid() != parent_pid:
-        return
+        return False
     set_parent_death_signal(signal.SIGKILL)
     if os.getppid() != parent_pid:  # the parent died between the check and the line above
         os._exit(1)
+    return True
 
 
-def leave_stops_to_parent(grace_s: int = STOP_GRACE_S) -> None:
+def leave_stops_to_parent() -> None:
     """In a worker serving a process that stops cleanly on a signal (training finishes its steps and
     saves, which takes more batches): a terminal's Ctrl-C reaches the whole process group and a
     scheduler's SIGTERM every process, and a worker that died of it would fail the parent's next
-    batch. SIGINT is ignored; SIGTERM ends the worker only `grace_s` later (the loaders end their
-    pools' workers with SIGKILL). The worker still dies with its parent (`exit_with_parent`)."""
+    batch. Both are ignored: the worker ends when its parent closes it (the loaders end DALI's
+    workers with SIGKILL, `dali_pipelines.loader`) or dies (`exit_with_parent`)."""
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, lambda signum, frame: signal.alarm(grace_s))  # SIGALRM's default: exit
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     except ValueError:  # not the main thread: signals are not ours to set
         pass

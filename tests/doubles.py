@@ -121,3 +121,24 @@ class _LabelMining:
 
     def close(self) -> None:
         pass
+
+
+class FirstWorkerDies:
+    """Wraps a batch source: the first DALI worker to unpickle it exits, as a worker killed while
+    its pool starts (a marker file decides which one)."""
+
+    def __init__(self, inner, marker: str):
+        self.inner, self.marker, self.columns = inner, marker, inner.columns
+
+    def __setstate__(self, state):
+        import os
+
+        self.__dict__.update(state)
+        try:
+            os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+        os._exit(3)
+
+    def __call__(self, batch_index):
+        return self.inner(batch_index)

@@ -986,6 +986,58 @@ def test_dali_source_workers_keep_serving_after_a_stop_signal_to_the_whole_proce
     assert served >= 15 and signals == 1
 
 
+def _run_script(script: str, *args, timeout: int = 120) -> str:
+    """stdout of `script` in a fresh Python (tests/ importable: the DALI workers import its doubles);
+    a hang is a failure after `timeout` seconds."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]))
+    try:
+        proc = subprocess.run([sys.executable, "-c", script, *map(str, args)], cwd=REPO, capture_output=True,
+                              text=True, timeout=timeout, env=env, start_new_session=True)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"hung for {timeout} s")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+def test_a_loader_whose_worker_was_killed_still_closes(shard_dir):
+    """The workers ignore SIGTERM, which DALI's own shutdown of a pool that lost a worker sends."""
+    out = _run_script("import os, signal, sys, time\n"
+                      "from dali_pipelines import PretrainLoader\n"
+                      "if __name__ == '__main__':\n"
+                      "    loader = PretrainLoader(sys.argv[1], batch_size=8, image_size=16, workers=2, threads=1)\n"
+                      "    loader.set_epoch(0)\n"
+                      "    next(iter(loader))\n"
+                      "    workers = loader._stream.pipe._py_pool.pool._processes\n"
+                      "    os.kill(workers[0].pid, signal.SIGKILL)\n"
+                      "    time.sleep(1)\n"
+                      "    loader.close()\n"
+                      "    print('closed', len(workers), flush=True)\n", shard_dir)
+    assert out.split() == ["closed", "2"]
+
+
+def test_a_pool_that_fails_to_start_ends_in_an_error_not_a_hang(shard_dir, tmp_path):
+    out = _run_script("import sys, torch\n"
+                      "from doubles import FirstWorkerDies\n"
+                      "from dali_pipelines.augment import moco_views\n"
+                      "from dali_pipelines.external import AugmentSource, ShardReader\n"
+                      "from dali_pipelines.loader import BatchStream, Settings\n"
+                      "from dali_pipelines.pretrain import augment_graph\n"
+                      "from shards import ShardDataset\n"
+                      "if __name__ == '__main__':\n"
+                      "    ds = ShardDataset(sys.argv[1])\n"
+                      "    source = AugmentSource(ShardReader(ds), num_samples=ds.num_samples, global_batch=8, rank=0,\n"
+                      "                           world_size=1, seed=0, start=0, anchor_views=moco_views(16))\n"
+                      "    s = Settings('cpu', torch.float32, 2, 1)\n"
+                      "    pipe = augment_graph(FirstWorkerDies(source, sys.argv[2]), moco_views(16), (), s,\n"
+                      "                         **s.pipeline_kwargs(8, 2))\n"
+                      "    try:\n"
+                      "        BatchStream(pipe, ['q', 'k', 'meta'], s, first_step=0, depth=2, source=source,\n"
+                      "                    local_batch=8, dataset=ds)\n"
+                      "    except Exception as e:\n"
+                      "        print('failed:', e, flush=True)\n", shard_dir, tmp_path / "marker")
+    assert out.startswith("failed: Workers initialization failed")
+
+
 def test_a_source_worker_stopped_from_outside_is_not_blamed_on_the_data(shard_dir):
     """What DALI raises when a worker of its pool is gone (before the workers left stops to the
     loader's process, Ctrl-C ended them this way): no sample is named, `verify` is not suggested."""

@@ -356,20 +356,28 @@ def test_a_failed_checkpoint_write_stops_the_run_and_the_next_checkpoint_is_stil
 
 
 def test_two_ranks_stop_together_after_sigterm_and_resume_bit_for_bit(tmp_path):
-    """SIGTERM reaches both ranks (as a scheduler sends it) during iteration 11: the flags summed at
-    iteration 20 are acted on at 30, so both stop there, save, and `--resume auto` ends exactly
+    """SIGTERM reaches both ranks (as a scheduler sends it) during iteration 3: the flags summed at
+    iteration 10 are acted on at 20, so both stop there, save, and `--resume auto` ends exactly
     where an uninterrupted 2-rank run does."""
-    cfg = tiny("moco_v2", epochs=8)  # 32 samples, global batch 8: 4 steps an epoch, 32 iterations
+    cfg = tiny("moco_v2", epochs=1)  # 192 samples, global batch 8: 24 steps
     full = tmp_path / "full"
-    run_training(cfg, SyntheticData(32), full, cpu_procs=2, progress=False)
+    run_training(cfg, SyntheticData(192), full, cpu_procs=2, progress=False)
     cut = tmp_path / "cut"
-    run_training(cfg, SigtermSource(epoch=2, after=1, num_samples=32), cut, cpu_procs=2, progress=False)
+    run_training(cfg, SigtermSource(epoch=0, after=1, num_samples=192), cut, cpu_procs=2, progress=False)
     stopped = read_log(cut, "preempted")
-    assert [(r["epoch"], r["step"], r["iteration"]) for r in stopped] == [(7, 2, 30)]
-    run_training(cfg, SyntheticData(32), cut, cpu_procs=2, resume="auto", progress=False)
+    assert [(r["epoch"], r["step"], r["iteration"]) for r in stopped] == [(0, 20, 20)]
+    run_training(cfg, SyntheticData(192), cut, cpu_procs=2, resume="auto", progress=False)
     a, b = ({r["iteration"]: r["loss"] for r in read_log(run, "step")} for run in (full, cut))
-    assert sorted(a) == sorted(b) == list(range(1, 33))
+    assert sorted(a) == sorted(b) == list(range(1, 25))
     assert a == b
+
+
+def test_two_ranks_signalled_in_an_epochs_last_steps_stop_at_its_end_before_mining(tmp_path):
+    run = tmp_path / "run"
+    cfg = tiny(epochs=3, clim_start_epoch=1)  # 4 steps an epoch; the first mining round at epoch 1
+    run_training(cfg, SigtermSource(epoch=0, after=1, num_samples=32), run, cpu_procs=2, progress=False)
+    assert [(r["epoch"], r["step"], r["iteration"]) for r in read_log(run, "preempted")] == [(1, 0, 4)]
+    assert not read_log(run, "mine")  # before: the round at epoch 1 ran, then the stop 10-20 steps on
 
 
 def test_torchrun_and_slurm_are_detected_from_their_environment(monkeypatch):

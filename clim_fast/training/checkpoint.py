@@ -31,6 +31,8 @@ from shards.atomic import atomic_write_bytes, check_output_file
 CHECKPOINT_FORMAT = 1
 REQUIRED_KEYS = ("model", "config", "epoch")
 RESUME_SEARCHES = ("auto", "fresh")  # --resume values that search RUN (any other value is a checkpoint path)
+
+
 def save_checkpoint(state: dict, *paths: str | Path) -> None:
     """Serialise once, write each path atomically (temp file, fsync, rename)."""
     buf = io.BytesIO()

@@ -223,7 +223,7 @@ def train_worker(local_rank: int, launch: Launch, cfg: Config, data, out: Path, 
             table, round_record = table_for_epoch(cfg, epoch, state, data, mining, step_fn, loader, table, out)
             loader.set_epoch(epoch, start_step=state.step)
             stopped = train_one_epoch(step_fn, model, optimizer, scaler, loader, epoch, state, cfg, log, stop, bar,
-                                      round_record)
+                                      round_record) or stop.agreed_now()  # not after the next mining round
             if mining is not None:
                 mining.flush()  # the checkpoint names the table: it must be on disk first
             epoch_file = state.epoch > epoch and ((epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs)
@@ -449,6 +449,13 @@ class StopFlag:
         total = dist.all_reduce_sum(to_device(torch.tensor([float(self.signum != 0)]), self.device))  # not a blocking copy
         self._sum = HostCopy({"stop": total[0]})
         return decided
+
+    def agreed_now(self) -> bool:
+        """Whether any rank got a signal, at an epoch's end (where the ranks meet anyway): a signal in
+        an epoch's last steps stops the run there, before the next epoch's mining round."""
+        if not dist.is_distributed():
+            return self.signum != 0
+        return dist.all_reduce_sum(to_device(torch.tensor([float(self.signum != 0)]), self.device))[0].item() > 0
 
     def restore(self) -> None:
         for s, handler in self._previous.items():
